@@ -1,0 +1,235 @@
+"""Embeddings service (port 8081): OpenAI `POST /v1/embeddings`."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.response import json as json_response
+
+from conversions.store import ModelInfo
+from engine.config import Config
+from engine.errors import InvalidRequest
+from engine.scheduler import BatchRule, Job
+from engine.server import ServiceSpec, resolve_requested_model
+from engine.validation import (
+    optional_bool,
+    optional_number,
+    optional_string,
+    parse_json_body,
+    required,
+)
+
+MAX_INPUTS = 2048
+BATCH_TOKEN_BUDGET = 16384
+
+bp = Blueprint("embeddings")
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    texts: list[str] | None  # either texts or token id lists
+    token_lists: list[list[int]] | None
+    truncate: bool
+
+    @property
+    def count(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_lists or [])
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: np.ndarray
+    token_counts: list[int]
+    truncated: list[int]
+
+
+def parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise InvalidRequest(
+            "'input' must be a string, an array of strings, an array of token ids or an array "
+            "of token-id arrays",
+            param="input",
+            code="invalid_type",
+        )
+    if not value:
+        raise InvalidRequest("'input' must not be empty", param="input", code="empty_input")
+    if len(value) > MAX_INPUTS:
+        raise InvalidRequest(
+            f"'input' has {len(value)} items; the limit is {MAX_INPUTS}", param="input"
+        )
+    if all(_is_token(item) for item in value):
+        return None, [value]
+    if all(isinstance(item, list) for item in value):
+        return None, [_token_list(item, i) for i, item in enumerate(value)]
+    return [_text(item, i) for i, item in enumerate(value)], None
+
+
+def _is_token(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool)
+
+
+def _token_list(item: list, index: int) -> list[int]:
+    if not item:
+        raise InvalidRequest(f"input[{index}] is an empty token list", param=f"input[{index}]")
+    if not all(_is_token(t) for t in item):
+        raise InvalidRequest(
+            f"input[{index}] must contain only integer token ids", param=f"input[{index}]"
+        )
+    return item
+
+
+def _text(item: Any, index: int) -> str:
+    if not isinstance(item, str):
+        raise InvalidRequest(
+            f"input[{index}] must be a string (or every item a token id / token-id array)",
+            param=f"input[{index}]",
+            code="invalid_type",
+        )
+    if not item:
+        raise InvalidRequest(f"input[{index}] is an empty string", param=f"input[{index}]")
+    return item
+
+
+@bp.post("/v1/embeddings")
+@bp.post("/embeddings")
+async def create_embeddings(request: Request) -> HTTPResponse:
+    body = parse_json_body(request)
+    model = resolve_requested_model(request, body.get("model"))
+    texts, token_lists = parse_input(required(body, "input"))
+    encoding = optional_string(body, "encoding_format", ("float", "base64")) or "float"
+    dimensions = optional_number(body, "dimensions", minimum=1, integer=True)
+    truncate = optional_bool(body, "truncate", default=False)
+    job = request.app.ctx.worker.submit("embed", EmbedRequest(texts, token_lists, truncate))
+    result: EmbedResult = await job.result()
+    vectors = _resize(result.vectors, dimensions)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
+        for i, vector in enumerate(vectors)
+    ]
+    tokens = sum(result.token_counts)
+    headers = {"x-mlxd-truncated": ",".join(map(str, result.truncated))} if result.truncated else {}
+    payload: dict[str, Any] = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    if truncate:
+        payload["truncated"] = result.truncated
+    return json_response(payload, headers=headers)
+
+
+def _resize(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    if dimensions is None:
+        return vectors
+    if dimensions > vectors.shape[1]:
+        raise InvalidRequest(
+            f"'dimensions' is {dimensions}, larger than the model's {vectors.shape[1]}",
+            param="dimensions",
+            code="out_of_range",
+        )
+    cut = vectors[:, :dimensions]
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    return cut / np.maximum(norms, 1e-12)
+
+
+def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.astype(np.float32).tolist()
+
+
+# ---- model-thread side -------------------------------------------------------------------
+
+
+def _tokenize(runner: Any, request: EmbedRequest) -> tuple[list[list[int]], list[int]]:
+    """Token lists for one request, checked against the model's limit and vocabulary."""
+    lists = (
+        request.token_lists if request.token_lists is not None else runner.tokenize(request.texts)
+    )
+    vocab, limit = runner.vocab_size(), runner.max_tokens
+    truncated = []
+    for index, tokens in enumerate(lists):
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(
+                f"input[{index}] has token id {bad[0]} outside the vocabulary (0..{vocab - 1})",
+                param=f"input[{index}]",
+            )
+        if len(tokens) > limit:
+            if not request.truncate:
+                raise InvalidRequest(
+                    f"input[{index}] has {len(tokens)} tokens, over the model's limit of {limit}; "
+                    'shorten it or send "truncate": true',
+                    param=f"input[{index}]",
+                    code="context_length_exceeded",
+                )
+            truncated.append(index)
+    if truncated:
+        lists = [_truncate(t, limit, keep_last=request.texts is not None) for t in lists]
+    return lists, truncated
+
+
+def _truncate(tokens: list[int], limit: int, keep_last: bool) -> list[int]:
+    if len(tokens) <= limit:
+        return tokens
+    return tokens[: limit - 1] + tokens[-1:] if keep_last else tokens[:limit]
+
+
+def embed_batch(runner: Any, jobs: list[Job]) -> None:
+    """Tokenize every job, embed all sequences together grouped by length, split back."""
+    prepared: list[tuple[Job, list[list[int]], list[int]]] = []
+    for job in jobs:
+        try:
+            lists, truncated = _tokenize(runner, job.payload)
+        except InvalidRequest as exc:
+            job.finish(error=exc)
+            continue
+        prepared.append((job, lists, truncated))
+    sequences = [tokens for _, lists, _ in prepared for tokens in lists]
+    if not sequences:
+        return
+    vectors = _embed_grouped(runner, sequences)
+    offset = 0
+    for job, lists, truncated in prepared:
+        part = vectors[offset : offset + len(lists)]
+        offset += len(lists)
+        job.finish(EmbedResult(part, [len(t) for t in lists], truncated))
+
+
+def _embed_grouped(runner: Any, sequences: list[list[int]]) -> np.ndarray:
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = np.zeros((len(sequences), runner.hidden_size), dtype=np.float32)
+    chunk: list[int] = []
+    for index in order:
+        longest = len(sequences[index])
+        if chunk and longest * (len(chunk) + 1) > BATCH_TOKEN_BUDGET:
+            out[chunk] = runner.embed([sequences[i] for i in chunk])
+            chunk = []
+        chunk.append(index)
+    out[chunk] = runner.embed([sequences[i] for i in chunk])
+    return out
+
+
+def _fits(batch: list[Job], job: Job) -> bool:
+    return sum(j.payload.count for j in batch) + job.payload.count <= MAX_INPUTS
+
+
+def load(model: ModelInfo, config: Config) -> Any:
+    from engine.runners.embeddings import EmbeddingsRunner
+
+    return EmbeddingsRunner.load(model.path, model.id)
+
+
+SPEC = ServiceSpec(
+    name="embeddings",
+    blueprint=bp,
+    load=load,
+    batch_rules=lambda config: {"embed": BatchRule(embed_batch, _fits)},
+)

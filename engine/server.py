@@ -1,0 +1,267 @@
+"""The app factory: one Sanic app per service, with the shared middleware and error handling.
+
+Handlers parse, validate, queue and format; the model thread (engine.scheduler) runs the model.
+Nothing heavy happens at import time: the model loads on the model thread after the port is up.
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse, Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.handlers import ErrorHandler
+from sanic.response import empty
+from sanic.response import json as json_response
+
+from conversions.store import DEFAULT_IDS, ModelInfo, Store
+from engine.config import LOOPBACK_HOSTS, Config, Service
+from engine.errors import (
+    ApiError,
+    AuthenticationError,
+    NotFound,
+    PermissionDenied,
+    ServerError,
+    status_error,
+)
+from engine.scheduler import BatchRule, ModelState, ModelWorker
+
+log = logging.getLogger("mlxd.server")
+access_log = logging.getLogger("mlxd.access")
+
+PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What a service module contributes: routes, how to load its runner, its job handlers."""
+
+    name: Service
+    blueprint: Blueprint
+    load: Callable[[ModelInfo, Config], Any]
+    handlers: dict[str, Callable] = field(default_factory=dict)
+    batch_rules: Callable[[Config], dict[str, BatchRule]] = lambda config: {}
+
+
+def service_spec(service: Service) -> ServiceSpec:
+    module = importlib.import_module(f"engine.routes.{service}")
+    return module.SPEC
+
+
+def served_model_id(ref: str) -> str:
+    """The id a port answers with: the store id, or the directory name of a model path."""
+    return Path(ref.rstrip("/")).name if "/" in ref else ref
+
+
+class OpenAIErrorHandler(ErrorHandler):
+    """Every error, the framework's own included, in the OpenAI error shape."""
+
+    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+        return error_response(request, exception)
+
+
+def error_response(request: Request | None, exception: Exception) -> HTTPResponse:
+    if isinstance(exception, ApiError):
+        return exception.response()
+    if isinstance(exception, SanicException):
+        return _framework_error(request, exception).response()
+    log.exception("unhandled error", exc_info=exception)
+    return ServerError(f"Internal server error: {type(exception).__name__}").response()
+
+
+def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
+    status = exc.status_code
+    method, path = (request.method, request.path) if request is not None else ("", "")
+    if status == 404:
+        return NotFound(f"Not found: {method} {path}", code="not_found")
+    if status == 405:
+        return status_error(405, f"Method {method} is not allowed for {path}", "method_not_allowed")
+    if status == 413:
+        limit = request.app.config.REQUEST_MAX_SIZE if request is not None else 0
+        message = f"Request body too large: the limit is {limit // (1024 * 1024)} MiB"
+        return status_error(413, message, "request_too_large")
+    if status == 408:
+        return status_error(408, "Request timed out while reading the body", "request_timeout")
+    return status_error(status, str(exc) or "Bad request", None)
+
+
+def create_app(service: Service, config: Config) -> Sanic:
+    spec = service_spec(service)
+    app = Sanic(f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False)
+    app.config.REQUEST_MAX_SIZE = config.max_body_bytes(service)
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+    app.config.REQUEST_TIMEOUT = 300
+    app.config.RESPONSE_TIMEOUT = 24 * 3600
+    app.config.NOISY_EXCEPTIONS = False
+    app.config.FALLBACK_ERROR_FORMAT = "json"
+    app.ctx.config = config
+    app.ctx.service = service
+    app.ctx.model_ref = config.model(service)
+    app.ctx.model_id = served_model_id(config.model(service))
+    app.ctx.aliases = _aliases(service, app.ctx.model_id)
+    app.blueprint(common_routes())
+    app.blueprint(spec.blueprint)
+    _install_middleware(app, config)
+    _install_listeners(app, spec, config)
+    return app
+
+
+def _aliases(service: Service, model_id: str) -> tuple[str, ...]:
+    default = DEFAULT_IDS[service]
+    return () if default == model_id else (default,)
+
+
+def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
+    @app.before_server_start
+    async def start_model_thread(app: Sanic) -> None:
+        store = Store(config.home)
+
+        def load() -> Any:
+            model = store.resolve(app.ctx.model_ref, spec.name)
+            return spec.load(model, config)
+
+        app.ctx.worker = ModelWorker(
+            spec.name,
+            load,
+            spec.handlers,
+            queue_size=config.queue_size,
+            batch_rules=spec.batch_rules(config),
+        )
+        app.ctx.worker.start()
+
+    @app.before_server_stop
+    async def stop_model_thread(app: Sanic) -> None:
+        log.info("%s: shutting down", spec.name)
+        app.ctx.worker.stop(timeout=config.shutdown_timeout / 2)
+
+
+def _install_middleware(app: Sanic, config: Config) -> None:
+    allowed_hosts = {h.lower() for h in (*LOOPBACK_HOSTS, *config.allowed_hosts, config.host)}
+    if config.host not in LOOPBACK_HOSTS and not config.allowed_hosts:
+        allowed_hosts.add("*")  # a non-loopback bind requires an API key, which guards instead
+
+    @app.on_request(priority=100)
+    async def start(request: Request) -> HTTPResponse | None:
+        request.ctx.started = time.monotonic()
+        request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        host = _host_name(request.headers.get("host", ""))
+        if host and host not in allowed_hosts and "*" not in allowed_hosts:
+            raise PermissionDenied(
+                f"Host {host!r} is not allowed: mlxd answers loopback names only "
+                "(add it with --allowed-hosts)",
+                code="host_not_allowed",
+            )
+        if request.method == "OPTIONS" and _cors_origin(request, config):
+            return empty(status=204)
+        if config.api_key and request.path not in PUBLIC_PATHS:
+            _check_api_key(request, config.api_key)
+        return None
+
+    @app.on_response(priority=100)
+    async def finish(request: Request, response: HTTPResponse) -> None:
+        rid = getattr(request.ctx, "request_id", None) or uuid.uuid4().hex[:16]
+        response.headers["x-request-id"] = rid
+        if origin := _cors_origin(request, config):
+            response.headers["access-control-allow-origin"] = origin
+            response.headers["access-control-allow-headers"] = "authorization, content-type"
+            response.headers["access-control-allow-methods"] = "GET, POST, OPTIONS"
+            response.headers["vary"] = "Origin"
+        started = getattr(request.ctx, "started", None)
+        ms = (time.monotonic() - started) * 1000 if started else 0.0
+        access_log.info(
+            "%s %s %s %.1fms id=%s", request.method, request.path, response.status, ms, rid
+        )
+
+
+def _host_name(header: str) -> str:
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.split("]")[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _cors_origin(request: Request, config: Config) -> str | None:
+    origin = request.headers.get("origin")
+    if not origin or not config.cors_origins:
+        return None
+    if "*" in config.cors_origins:
+        return "*"
+    return origin if origin in config.cors_origins else None
+
+
+def _check_api_key(request: Request, api_key: str) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+        raise AuthenticationError(
+            "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
+
+
+def common_routes() -> Blueprint:
+    bp = Blueprint("common")
+
+    @bp.get("/health")
+    @bp.get("/v1/health")
+    async def health(request: Request) -> HTTPResponse:
+        worker: ModelWorker = request.app.ctx.worker
+        if worker.state is ModelState.READY:
+            return json_response({"status": "ok"})
+        if worker.state is ModelState.LOADING:
+            return json_response({"status": "loading model"}, status=503)
+        return json_response({"status": "error", "message": worker.message}, status=503)
+
+    @bp.get("/v1/models")
+    async def models(request: Request) -> HTTPResponse:
+        return json_response({"object": "list", "data": _model_cards(request.app)})
+
+    @bp.get("/v1/models/<model_id:path>")
+    async def model(request: Request, model_id: str) -> HTTPResponse:
+        for card in _model_cards(request.app):
+            if card["id"] == model_id:
+                return json_response(card)
+        raise NotFound(f"The model {model_id!r} does not exist", code="model_not_found")
+
+    return bp
+
+
+def _model_cards(app: Sanic) -> list[dict[str, Any]]:
+    cards = []
+    for name in (app.ctx.model_id, *app.ctx.aliases):
+        cards.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "mlxd",
+                "root": app.ctx.model_id,
+                "status": app.ctx.worker.state.value,
+            }
+        )
+    return cards
+
+
+def resolve_requested_model(request: Request, requested: Any) -> str:
+    """The served model id; with --strict-model an unknown name is a 404."""
+    app = request.app
+    if requested is not None and not isinstance(requested, str):
+        from engine.validation import wrong_type
+
+        raise wrong_type("model", "a string", requested)
+    if app.ctx.config.strict_model and requested not in (None, app.ctx.model_id, *app.ctx.aliases):
+        raise NotFound(
+            f"The model {requested!r} does not exist: this port serves {app.ctx.model_id!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return app.ctx.model_id

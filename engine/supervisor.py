@@ -1,0 +1,188 @@
+"""`mlxd serve`: bind every port, then run and watch one process per service.
+
+The supervisor touches no MLX. It binds the listening sockets itself (so a taken port fails fast,
+before anything starts, and a restarted service reuses the same socket with no gap in which
+another program could take the port), spawns each service as a fresh interpreter, and restarts a
+service that dies, with backoff. A service that keeps dying makes the whole engine exit non-zero,
+so that launchd's KeepAlive restarts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from engine.config import Config, Service
+from engine.worker import CONFIG_ENV
+
+log = logging.getLogger("mlxd.supervisor")
+
+BACKOFF_START = 0.5
+BACKOFF_MAX = 30.0
+STABLE_AFTER = 60.0  # seconds of uptime after which the backoff resets
+MAX_CRASHES = 5  # within CRASH_WINDOW seconds, then give up and exit non-zero
+CRASH_WINDOW = 120.0
+
+
+class PortInUse(OSError):
+    def __init__(self, service: Service, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for {service}: {reason}")
+        self.service, self.port = service, port
+
+
+def bind(service: Service, host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(512)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is already in use" if exc.errno == 98 or exc.errno == 48 else str(exc)
+        raise PortInUse(service, host, port, reason) from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+@dataclass
+class ServiceProcess:
+    service: Service
+    sock: socket.socket
+    process: subprocess.Popen | None = None
+    started_at: float = 0.0
+    backoff: float = BACKOFF_START
+    restart_at: float | None = None
+    crashes: list[float] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.services: list[ServiceProcess] = []
+        self._stopping = False
+
+    def bind_all(self) -> None:
+        try:
+            for service in self.config.only:
+                sock = bind(service, self.config.host, self.config.port(service))
+                self.services.append(ServiceProcess(service, sock))
+        except PortInUse:
+            self.close_sockets()
+            raise
+
+    def close_sockets(self) -> None:
+        for entry in self.services:
+            entry.sock.close()
+
+    def spawn(self, entry: ServiceProcess) -> None:
+        env = {**os.environ, CONFIG_ENV: self.config.to_json(), "PYTHONUNBUFFERED": "1"}
+        fd = entry.sock.fileno()
+        entry.process = subprocess.Popen(
+            [sys.executable, "-m", "engine.worker", entry.service, str(fd)],
+            pass_fds=(fd,),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        entry.started_at = time.monotonic()
+        entry.restart_at = None
+        log.info("%s: started process %d", entry.service, entry.process.pid)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit 0) or until a service keeps crashing (exit 1)."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        for entry in self.services:
+            self.spawn(entry)
+        self._announce()
+        code = 0
+        while not self._stopping:
+            for entry in self.services:
+                if not self._check(entry):
+                    code = 1
+                    self._stopping = True
+                    break
+            time.sleep(0.2)
+        self.shutdown()
+        return code
+
+    def _announce(self) -> None:
+        for entry in self.services:
+            host, port = entry.sock.getsockname()[:2]
+            model = self.config.model(entry.service)
+            print(
+                f"mlxd: {entry.service} listening on http://{_url_host(host)}:{port} "
+                f"(model {model})",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _check(self, entry: ServiceProcess) -> bool:
+        """Restart a dead service when its backoff has passed; False means give up."""
+        now = time.monotonic()
+        if entry.restart_at is not None:
+            if now >= entry.restart_at:
+                self.spawn(entry)
+            return True
+        assert entry.process is not None
+        code = entry.process.poll()
+        if code is None or self._stopping:
+            return True
+        if now - entry.started_at > STABLE_AFTER:
+            entry.backoff = BACKOFF_START
+        entry.crashes = [t for t in entry.crashes if now - t < CRASH_WINDOW] + [now]
+        if len(entry.crashes) > MAX_CRASHES:
+            log.error(
+                "%s: exited %d times within %.0f s; stopping mlxd so that its supervisor "
+                "(launchd) restarts it",
+                entry.service,
+                len(entry.crashes),
+                CRASH_WINDOW,
+            )
+            return False
+        log.warning(
+            "%s: process exited with code %s; restarting in %.1f s",
+            entry.service,
+            code,
+            entry.backoff,
+        )
+        entry.restart_at = now + entry.backoff
+        entry.backoff = min(entry.backoff * 2, BACKOFF_MAX)
+        return True
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stopping = True
+
+    def shutdown(self) -> None:
+        running = [e.process for e in self.services if e.process and e.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.shutdown_timeout + 3
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("process %d did not stop in time; killing it", process.pid)
+                process.kill()
+                process.wait()
+        self.close_sockets()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def serve(config: Config) -> int:
+    supervisor = Supervisor(config)
+    try:
+        supervisor.bind_all()
+    except PortInUse as exc:
+        print(f"mlxd: error: {exc}", file=sys.stderr)
+        return 3
+    return supervisor.run()

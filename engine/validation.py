@@ -1,0 +1,132 @@
+"""Request parsing helpers: every client mistake becomes an InvalidRequest naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from sanic import Request
+
+from engine.errors import InvalidRequest
+
+JSON_TYPES = ("application/json",)
+_MISSING = object()
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def parse_json_body(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    `application/json` (and `+json`) is the contract. A body sent with no content type, or with
+    curl's `-d` default (form-urlencoded) that is really JSON, is accepted too: llama-server takes
+    those and scripts written for it send them.
+    """
+    media = _media_type(request)
+    lenient = media in ("", "application/x-www-form-urlencoded")
+    if media not in JSON_TYPES and not media.endswith("+json") and not lenient:
+        raise InvalidRequest(
+            f"Unsupported content type {media!r}: send the body as application/json",
+            code="unsupported_media_type",
+            status=415,
+        )
+    raw = request.body or b""
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty: send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if lenient and media:
+            raise InvalidRequest(
+                f"Unsupported content type {media!r}: send the body as application/json",
+                code="unsupported_media_type",
+                status=415,
+            ) from exc
+        raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _type_name(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string"}
+    names.update({list: "array", dict: "object", type(None): "null"})
+    return names.get(type(value), type(value).__name__)
+
+
+def wrong_type(name: str, expected: str, value: Any) -> InvalidRequest:
+    return InvalidRequest(
+        f"'{name}' must be {expected}, got {_type_name(value)}", param=name, code="invalid_type"
+    )
+
+
+def required(body: dict[str, Any], name: str) -> Any:
+    if name not in body or body[name] is None:
+        raise InvalidRequest(f"Missing required field '{name}'", param=name, code="missing_field")
+    return body[name]
+
+
+def optional_number(
+    body: dict[str, Any],
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    integer: bool = False,
+    exclusive_minimum: bool = False,
+) -> float | int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, int) if integer else isinstance(value, int | float)
+    if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise wrong_type(name, "an integer" if integer else "a number", value)
+    low_fail = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
+    if low_fail or (maximum is not None and value > maximum):
+        low = "(" if exclusive_minimum else "["
+        bounds = f"{low}{minimum if minimum is not None else '-inf'}, "
+        bounds += f"{maximum if maximum is not None else 'inf'}]"
+        raise InvalidRequest(
+            f"'{name}' is {value}, outside the allowed range {bounds}",
+            param=name,
+            code="out_of_range",
+        )
+    return value
+
+
+def optional_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise wrong_type(name, "a boolean", value)
+    return value
+
+
+def optional_string(
+    body: dict[str, Any], name: str, choices: tuple[str, ...] | None = None
+) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise wrong_type(name, "a string", value)
+    if choices is not None and value not in choices:
+        raise InvalidRequest(
+            f"'{name}' must be one of {', '.join(choices)}; got {value!r}",
+            param=name,
+            code="invalid_value",
+        )
+    return value
+
+
+def optional_object(body: dict[str, Any], name: str) -> dict[str, Any]:
+    value = body.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise wrong_type(name, "an object", value)
+    return value

@@ -1,0 +1,61 @@
+"""One service process: a single-process Sanic server on a socket the supervisor bound.
+
+Started by the supervisor as `python -m engine.worker SERVICE FD`, with the configuration as
+JSON in the MLXD_SERVICE_CONFIG environment variable (not argv, which `ps` shows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from engine.config import SERVICES, Config
+from engine.server import create_app
+
+CONFIG_ENV = "MLXD_SERVICE_CONFIG"
+
+
+def setup_logging(level: str, service: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("sanic.root", "sanic.server", "sanic.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """Stop this service if the supervisor dies, so an orphan never holds the port."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mlxd-parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2 or args[0] not in SERVICES:
+        print("usage: python -m engine.worker {chat,embeddings,stt} FD", file=sys.stderr)
+        return 2
+    service, fd = args[0], int(args[1])
+    config = Config.from_json(os.environ[CONFIG_ENV])
+    setup_logging(config.log_level, service)
+    sock = socket.socket(fileno=fd)
+    exit_with_parent()
+    app = create_app(service, config)
+    app.run(sock=sock, single_process=True, access_log=False, motd=False, verbosity=0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
