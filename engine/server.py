@@ -93,8 +93,9 @@ def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
     return status_error(status, str(exc) or "Bad request", None)
 
 
-def create_app(service: Service, config: Config) -> Sanic:
-    spec = service_spec(service)
+def create_app(service: Service, config: Config, spec: ServiceSpec | None = None) -> Sanic:
+    """The app for one service; `spec` defaults to the service module's own."""
+    spec = spec or service_spec(service)
     app = Sanic(f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes(service)
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
@@ -212,7 +213,7 @@ def common_routes() -> Blueprint:
     bp = Blueprint("common")
 
     @bp.get("/health")
-    @bp.get("/v1/health")
+    @bp.get("/v1/health", name="health_v1")
     async def health(request: Request) -> HTTPResponse:
         worker: ModelWorker = request.app.ctx.worker
         if worker.state is ModelState.READY:

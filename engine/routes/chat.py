@@ -256,7 +256,7 @@ async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
 
 
 @bp.post("/v1/chat/completions")
-@bp.post("/chat/completions")
+@bp.post("/chat/completions", name="chat_completions_short")
 async def chat_completions(request: Request) -> HTTPResponse | None:
     body = parse_json_body(request)
     model = resolve_requested_model(request, body.get("model"))

@@ -97,7 +97,7 @@ def _text(item: Any, index: int) -> str:
 
 
 @bp.post("/v1/embeddings")
-@bp.post("/embeddings")
+@bp.post("/embeddings", name="create_embeddings_short")
 async def create_embeddings(request: Request) -> HTTPResponse:
     body = parse_json_body(request)
     model = resolve_requested_model(request, body.get("model"))

@@ -1,0 +1,444 @@
+"""Chat (vision-language) model runner: runs ONLY on the engine's single model thread.
+
+Everything here touches ``mlx.core``: load the model with mlx-vlm, render and tokenize
+prompts with the model's own chat template and processor, and decode token by token with
+mlx-vlm's ``generate_step`` (KV cache, prefill, image embeddings), mlx-lm's samplers and a
+streaming detokenizer from mlx-lm.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterator
+from copy import copy
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+)
+from mlx_vlm.generate import generate_step
+from mlx_vlm.utils import load as vlm_load
+
+REPLACEMENT_CHAR = "\ufffd"
+TURN_END_TOKEN = "<turn|>"
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
+FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    max_tokens: int | None  # None = up to the context length
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    stop: tuple[str, ...]  # generation ends there; the stop text is not emitted
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; 0: the chosen token's; n: plus the top n
+
+
+@dataclass
+class ChatStep:
+    text: str  # new decoded text since the previous step (whole characters only)
+    token: int | None
+    finish_reason: str | None  # None until the last step: "stop", "length" or "cancelled"
+    logprob: float | None = None  # only when ChatParams.logprobs is not None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class PreparedPrompt:
+    """A rendered, tokenized prompt; built on the model thread (holds MLX arrays)."""
+
+    input_ids: mx.array  # shape (1, n_tokens)
+    n_tokens: int
+    text: str  # the rendered chat template
+    pixel_values: mx.array | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    n_images: int = 0
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the context (llama-server: exceed_context_size_error)."""
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the request exceeds the available context size: the prompt has "
+            f"{n_prompt_tokens} tokens and the context holds {n_ctx}"
+        )
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class ChatRunner:
+    def __init__(self, model: Any, processor: Any, model_dir: Path, model_id: str) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_dir = model_dir
+        self.model_id = model_id
+        self.config = _read_json(model_dir / "config.json")
+        self.context_length = _context_length(self.config)
+        self.eos_token_ids = _eos_token_ids(self.config, model_dir, self.tokenizer)
+        self.image_token_id = self.config.get("image_token_id")
+        self._detokenizer_class = _detokenizer_class(model_dir)
+        self._detokenizer = self._detokenizer_class(self.tokenizer)
+        self._silent_ids = frozenset(
+            i for i in (self.tokenizer.bos_token_id, self.tokenizer.pad_token_id) if i is not None
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path, model_id: str) -> ChatRunner:
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
+        model, processor = vlm_load(str(model_dir))
+        return cls(model, processor, model_dir, model_id)
+
+    def generation_defaults(self) -> dict:
+        """Sampling defaults from generation_config.json (Gemma 4: 1.0 / 0.95 / 64)."""
+        gen = _read_json(self.model_dir / "generation_config.json") or self.config.get(
+            "generation_config", {}
+        )
+        out = dict(FALLBACK_DEFAULTS)
+        for key in out:
+            if gen.get(key) is not None:
+                out[key] = type(out[key])(gen[key])
+        if gen.get("repetition_penalty") not in (None, 1.0):
+            out["repetition_penalty"] = float(gen["repetition_penalty"])
+        return out
+
+    # ---------------------------------------------------------------- prompt
+
+    def render(
+        self,
+        messages: list[dict],
+        *,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """Render OpenAI messages with the model's chat template (generation prompt added)."""
+        kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        if tools:
+            kwargs["tools"] = tools
+        try:
+            return self.tokenizer.apply_chat_template(_template_messages(messages), **kwargs)
+        except Exception as exc:  # jinja2 TemplateError, raise_exception(), bad structure
+            raise ValueError(f"the chat template cannot render these messages: {exc}") from exc
+
+    def prepare(
+        self,
+        messages: list[dict],
+        images: list[Any],
+        *,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+    ) -> PreparedPrompt:
+        n_parts = _count_image_parts(messages)
+        if n_parts != len(images):
+            raise ValueError(f"{n_parts} image parts in the messages but {len(images)} images")
+        text = self.render(messages, enable_thinking=enable_thinking, tools=tools)
+        prompt = self._tokenize(text, images) if images else self._tokenize_text(text)
+        if prompt.n_tokens >= self.context_length:
+            raise PromptTooLongError(prompt.n_tokens, self.context_length)
+        return prompt
+
+    def _tokenize_text(self, text: str) -> PreparedPrompt:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return PreparedPrompt(input_ids=mx.array([ids]), n_tokens=len(ids), text=text)
+
+    def _tokenize(self, text: str, images: list[Any]) -> PreparedPrompt:
+        # The processor expands each image token into <boi> soft tokens <eoi>. Pass
+        # add_special_tokens=False: the template already rendered <bos> (mlx-vlm's
+        # prepare_inputs does not forward it for Gemma 4 and the prompt gets two BOS).
+        rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        out = dict(self.processor(text=[text], images=rgb, add_special_tokens=False))
+        input_ids = out.pop("input_ids")
+        pixel_values = out.pop("pixel_values", None)
+        out.pop("attention_mask", None)
+        return PreparedPrompt(
+            input_ids=input_ids,
+            n_tokens=int(input_ids.shape[1]),
+            text=text,
+            pixel_values=pixel_values,
+            model_kwargs=out,
+            n_images=len(images),
+        )
+
+    # ------------------------------------------------------------ generation
+
+    def prompt_logits(self, prompt: PreparedPrompt) -> mx.array:
+        """Next-token logits after the prompt (one forward pass, no cache); for tests."""
+        out = self.model(prompt.input_ids, pixel_values=prompt.pixel_values, **prompt.model_kwargs)
+        logits = out.logits[0, -1].astype(mx.float32)
+        mx.eval(logits)
+        return logits
+
+    def decode_token(self, token: int) -> str:
+        """The text of one token on its own (for logprobs); special tokens included."""
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def generate(
+        self,
+        prompt: PreparedPrompt,
+        params: ChatParams,
+        is_cancelled: Callable[[], bool],
+    ) -> Iterator[ChatStep]:
+        limit = self._token_limit(prompt, params)
+        if is_cancelled():
+            yield ChatStep("", None, "cancelled")
+            return
+        if limit <= 0:
+            yield ChatStep("", None, "length")
+            return
+        tokens = generate_step(
+            prompt.input_ids,
+            self.model,
+            prompt.pixel_values,
+            None,
+            max_tokens=limit,
+            sampler=_sampler(params),
+            **_penalties(params),
+            **prompt.model_kwargs,
+        )
+        try:
+            yield from self._decode(tokens, limit, params, is_cancelled)
+        finally:
+            tokens.close()
+
+    def _token_limit(self, prompt: PreparedPrompt, params: ChatParams) -> int:
+        room = self.context_length - prompt.n_tokens
+        return room if params.max_tokens is None else min(params.max_tokens, room)
+
+    def _decode(
+        self,
+        tokens: Iterator[tuple[int, mx.array]],
+        limit: int,
+        params: ChatParams,
+        is_cancelled: Callable[[], bool],
+    ) -> Iterator[ChatStep]:
+        detok = self._new_detokenizer()
+        stops = StopMatcher(params.stop)
+        for n, (token, logprobs) in enumerate(tokens, start=1):
+            logprob, top = _logprob_info(logprobs, token, params.logprobs)
+            if token in self.eos_token_ids:
+                text, _ = stops.feed(_finish(detok))
+                yield ChatStep(text + stops.flush(), token, "stop", logprob, top)
+                return
+            if token not in self._silent_ids:
+                detok.add_token(token)
+            text, stopped = stops.feed(_clean(detok.last_segment))
+            if stopped:
+                yield ChatStep(text, token, "stop", logprob, top)
+                return
+            if n >= limit:
+                text2, stopped = stops.feed(_finish(detok))
+                tail = "" if stopped else stops.flush()
+                yield ChatStep(
+                    text + text2 + tail, token, "stop" if stopped else "length", logprob, top
+                )
+                return
+            yield ChatStep(text, token, None, logprob, top)
+            if is_cancelled():
+                yield ChatStep("", None, "cancelled")
+                return
+
+    def _new_detokenizer(self) -> Any:
+        detok = copy(self._detokenizer)
+        detok.reset()
+        return detok
+
+
+class StopMatcher:
+    """Cuts the stream at the first stop string, holding back a possible stop prefix."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = self._held_length()
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_length(self) -> int:
+        longest = max((len(s) for s in self.stops), default=1)
+        for k in range(min(len(self.pending), longest - 1), 0, -1):
+            tail = self.pending[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def _context_length(config: dict) -> int:
+    text_config = config.get("text_config") or config
+    return int(text_config.get("max_position_embeddings") or 8192)
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else [v for v in value if isinstance(v, int)]
+
+
+def _eos_token_ids(config: dict, model_dir: Path, tokenizer: Any) -> frozenset[int]:
+    gen = _read_json(model_dir / "generation_config.json")
+    ids = _as_list(config.get("eos_token_id")) + _as_list(gen.get("eos_token_id"))
+    ids += _as_list(tokenizer.eos_token_id)
+    turn_end = tokenizer.convert_tokens_to_ids(TURN_END_TOKEN)
+    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id:
+        ids.append(turn_end)
+    return frozenset(ids)
+
+
+def _detokenizer_class(model_dir: Path) -> Callable[[Any], Any]:
+    """Pick mlx-lm's streaming detokenizer for the tokenizer.json decoder."""
+    decoder = _read_json(model_dir / "tokenizer.json").get("decoder") or {}
+    if decoder.get("type") == "ByteLevel":
+        return BPEStreamingDetokenizer
+    steps = [d.get("type") for d in decoder.get("decoders", [])]
+    if "ByteFallback" in steps:
+        return partial(SPMStreamingDetokenizer, trim_space="Strip" in steps)
+    return NaiveStreamingDetokenizer
+
+
+def _finish(detok: Any) -> str:
+    detok.finalize()
+    return _clean(detok.last_segment)
+
+
+def _clean(text: str) -> str:
+    # Invalid byte sequences (a random or confused model) decode to U+FFFD: drop them.
+    return text.replace(REPLACEMENT_CHAR, "")
+
+
+def _sampler(params: ChatParams) -> Callable[[mx.array], mx.array]:
+    sampler = make_sampler(
+        temp=max(params.temperature, 0.0),
+        top_p=params.top_p,
+        min_p=params.min_p,
+        top_k=max(params.top_k, 0),
+    )
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return KeyedSampler(sampler, seed)
+
+
+class KeyedSampler:
+    """Runs a sampler with this request's own PRNG stream, not the process-wide one.
+
+    mlx-lm's samplers draw from the global ``mx.random.state`` (read-only from Python),
+    so each call re-seeds it from (request seed, step): a seeded request stays
+    reproducible even when the scheduler interleaves the decode steps of several requests.
+    """
+
+    def __init__(self, sampler: Callable[[mx.array], mx.array], seed: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.step = 0
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        mx.random.seed((self.seed * GOLDEN_GAMMA + self.step) % 2**64)
+        self.step += 1
+        return self.sampler(logprobs)
+
+
+def _penalties(params: ChatParams) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if params.repetition_penalty not in (None, 1.0):
+        out["repetition_penalty"] = params.repetition_penalty
+    if params.presence_penalty:
+        out["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        out["frequency_penalty"] = params.frequency_penalty
+    return out
+
+
+def _logprob_info(
+    logprobs: mx.array, token: int, n_top: int | None
+) -> tuple[float | None, tuple[tuple[int, float], ...]]:
+    if n_top is None:
+        return None, ()
+    chosen = logprobs[token].item()
+    if n_top <= 0:
+        return chosen, ()
+    order = mx.argsort(-logprobs)[:n_top]
+    values = logprobs[order]
+    return chosen, tuple(zip(order.tolist(), values.tolist(), strict=True))
+
+
+def _count_image_parts(messages: list[dict]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") in ("image_url", "image")
+    )
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """OpenAI messages -> the shapes Gemma-style templates expect."""
+    return [_template_message(m) for m in messages]
+
+
+def _template_message(message: dict) -> dict:
+    out = dict(message)
+    content = message.get("content")
+    if isinstance(content, list):
+        out["content"] = [_template_part(p) for p in content]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_template_tool_call(c) for c in message["tool_calls"]]
+    return out
+
+
+def _template_part(part: dict) -> dict:
+    if part.get("type") == "image_url":
+        return {"type": "image"}
+    return part
+
+
+def _template_tool_call(call: dict) -> dict:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            function["arguments"] = parsed
+    return {**call, "function": function}

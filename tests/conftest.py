@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random models of the real architectures, built once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; skip without it on a developer's machine, fail in CI."""
+    path = shutil.which(name)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is required in CI but is not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma4(tiny_dir: Path) -> Path:
+    from tests.tiny.gemma4 import build_gemma4_mlx
+
+    return build_gemma4_mlx(tiny_dir / "tiny-gemma4")
+
+
+@pytest.fixture(scope="session")
+def tiny_bge(tiny_dir: Path) -> Path:
+    from tests.tiny.bert import build_bge_mlx
+
+    return build_bge_mlx(tiny_dir / "tiny-bge")
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper(tiny_dir: Path) -> Path:
+    from tests.tiny.whisper import build_whisper_mlx
+
+    return build_whisper_mlx(tiny_dir / "tiny-whisper")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_gemma4: Path, tiny_bge: Path, tiny_whisper: Path) -> dict[str, Path]:
+    return {"chat": tiny_gemma4, "embeddings": tiny_bge, "stt": tiny_whisper}
+
+
+def model_flags(models: dict[str, Path]) -> list[str]:
+    flags = []
+    for service, path in models.items():
+        flags += [f"--{service}-model", str(path)]
+    return flags

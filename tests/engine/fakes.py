@@ -1,0 +1,118 @@
+"""Pure-Python stand-ins for the model runners, for route and validation tests (tier 1)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conversions.store import ModelInfo
+from engine.config import Config
+from engine.routes import chat, embeddings, stt
+from engine.server import ServiceSpec
+
+
+class FakeEmbeddings:
+    model_id = "fake-bert"
+    hidden_size = 8
+    max_tokens = 16
+    pooling = "cls"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def vocab_size(self) -> int:
+        return 300
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [[101, *[ord(c) % 200 + 1 for c in text], 102] for text in texts]
+
+    def embed(self, token_lists: list[list[int]]) -> np.ndarray:
+        self.batches.append(len(token_lists))
+        rows = []
+        for tokens in token_lists:
+            seed = int(hashlib.sha256(str(tokens).encode()).hexdigest()[:8], 16)
+            vector = np.random.default_rng(seed).standard_normal(self.hidden_size)
+            rows.append(vector / np.linalg.norm(vector))
+        return np.asarray(rows, dtype=np.float32)
+
+
+@dataclass
+class FakePrompt:
+    text: str
+    n_tokens: int
+
+
+@dataclass
+class FakeStep:
+    text: str
+    token: int | None
+    finish_reason: str | None
+
+
+class FakeChat:
+    model_id = "fake-gemma"
+    context_length = 64
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.gate = gate
+
+    def generation_defaults(self) -> dict[str, Any]:
+        return {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
+
+    def prepare(self, messages, images, *, enable_thinking=None, tools=None) -> FakePrompt:
+        text = " ".join(
+            m["content"] if isinstance(m["content"], str) else "<image>"
+            for m in messages
+            if m["content"]
+        )
+        return FakePrompt(text, len(text.split()) + 2 * len(images))
+
+    def generate(self, prompt, params, is_cancelled):
+        words = ["Hello", " world", ",", " this", " is", " fake", "."] * 10
+        for i, word in enumerate(words[: params.max_tokens]):
+            if self.gate is not None:
+                self.gate.wait(5)
+            if is_cancelled():
+                yield FakeStep("", None, "cancelled")
+                return
+            last = i == min(params.max_tokens, len(words)) - 1
+            yield FakeStep(word, i, ("length" if last else None))
+
+
+class FakeSpeech:
+    model_id = "fake-whisper"
+
+    def transcribe(self, audio, **options) -> dict:
+        seconds = len(audio) / 16000
+        segment = {"id": 0, "start": 0.0, "end": seconds, "text": " Fake words.", "tokens": [1]}
+        return {"text": " Fake words.", "segments": [segment], "language": "en"}
+
+
+def fake_spec(service: str, runner: Any = None, *, load_gate: threading.Event | None = None):
+    """The service's real spec (routes, handlers) with a fake runner loader."""
+    module = {"chat": chat, "embeddings": embeddings, "stt": stt}[service]
+    real: ServiceSpec = module.SPEC
+    made = runner or {"chat": FakeChat, "embeddings": FakeEmbeddings, "stt": FakeSpeech}[service]()
+
+    def load(model: ModelInfo, config: Config) -> Any:
+        if load_gate is not None:
+            load_gate.wait(30)
+        return made
+
+    return ServiceSpec(real.name, real.blueprint, load, real.handlers, real.batch_rules), made
+
+
+def fake_model_dir(root: Path, kind: str) -> Path:
+    """A directory the store resolves; the fake loaders never read its weights."""
+    directory = root / f"fake-{kind}"
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"chat": {"model_type": "gemma4"}, "embeddings": {"model_type": "bert"}}
+    import json
+
+    (directory / "config.json").write_text(json.dumps(config.get(kind, {"n_audio_state": 8})))
+    return directory
