@@ -54,9 +54,13 @@ class Server:
             if predicate():
                 return
             if self.process.poll() is not None:
-                raise AssertionError(f"mlxd exited ({self.process.returncode}) waiting for {what}:\n{self.log()}")
+                raise AssertionError(
+                    f"mlxd exited ({self.process.returncode}) waiting for {what}:\n{self.log()}"
+                )
             time.sleep(0.2)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n{self.log()[-4000:]}")
+        raise AssertionError(
+            f"timed out after {timeout} s waiting for {what}:\n{self.log()[-4000:]}"
+        )
 
     def wait_healthy(self, services: list[str] | None = None, timeout: float = 120) -> None:
         names = services or list(self.ports)

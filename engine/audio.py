@@ -1,0 +1,242 @@
+"""Audio decoding for speech-to-text: bytes in, float32 mono 16 kHz samples out.
+
+WAV, MP3, FLAC and Ogg Vorbis are decoded in-process with miniaudio at their native rate,
+down-mixed, then resampled with a polyphase filter (scipy.signal.resample_poly). Everything
+else (m4a/mp4, webm, Ogg Opus, AIFF, ...) goes through the ffmpeg binary when one is given.
+The container is sniffed from the leading bytes; the filename is only used in messages.
+No MLX here. Every failure is an `AudioError` with a message fit for the client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from math import gcd
+from pathlib import Path
+
+import miniaudio
+import numpy as np
+
+SAMPLE_RATE = 16_000
+FFMPEG_TIMEOUT_S = 600.0
+_EXTRA_FFMPEG_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
+_IN_PROCESS = ("wav", "wav (RF64)", "mp3", "flac", "ogg/vorbis")
+_NOT_AUDIO = {
+    b"\x89PNG": "a PNG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"PK\x03\x04": "a ZIP archive",
+    b"\x7fELF": "an executable",
+}
+_NEEDS_FFMPEG_HINT = "install it (brew install ffmpeg) or send WAV, MP3, FLAC or OGG"
+
+
+class AudioError(ValueError):
+    """Audio the server cannot use; the message is meant for the client (HTTP 400)."""
+
+
+def audio_duration_s(samples: np.ndarray) -> float:
+    """Length in seconds of 16 kHz samples."""
+    return float(len(samples)) / SAMPLE_RATE
+
+
+def find_ffmpeg() -> str | None:
+    """Path of an ffmpeg binary on PATH or in Homebrew's usual prefixes, else None."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    for folder in _EXTRA_FFMPEG_DIRS:
+        candidate = Path(folder) / "ffmpeg"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
+def decode_audio(
+    data: bytes, *, filename: str | None = None, ffmpeg: str | None = None
+) -> np.ndarray:
+    """Decode an uploaded file to float32 mono samples at 16 kHz.
+
+    Raises AudioError (a ValueError) for empty, zero-length, corrupt, non-audio or
+    unsupported input; never lets a decoder's own exception escape.
+    """
+    label = f" ({filename})" if filename else ""
+    if not data:
+        raise AudioError(f"the audio file{label} is empty")
+    kind = sniff_format(data)
+    try:
+        if kind in _IN_PROCESS:
+            samples = _decode_in_process(data, kind, label)
+        else:
+            samples = _decode_with_ffmpeg(data, kind, label, ffmpeg)
+    except AudioError:
+        raise
+    except Exception as exc:  # a decoder fault must become a client error, never a 500
+        raise AudioError(f"could not decode the {kind} audio{label}: {exc}") from exc
+    if samples.size == 0:
+        raise AudioError(f"the {kind} audio{label} contains no samples (zero length)")
+    return samples
+
+
+def sniff_format(data: bytes) -> str:
+    """Name the container from its magic bytes ("wav", "mp3", "flac", "ogg/vorbis", ...)."""
+    head = data[:64]
+    if head[:4] in (b"RIFF", b"RIFX") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] in (b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "wav (RF64)"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return _sniff_ogg(data)
+    if head[:3] == b"ID3":
+        return _sniff_after_id3(data)
+    if head[4:8] == b"ftyp":
+        return "mov" if head[8:12] == b"qt  " else "m4a/mp4"
+    return _sniff_other(head)
+
+
+def _sniff_ogg(data: bytes) -> str:
+    # The first page holds the codec's identification header right after the segment table.
+    if len(data) < 28:
+        return "ogg (truncated)"
+    body = data[27 + data[26] : 27 + data[26] + 8]
+    if body.startswith(b"\x01vorbis"):
+        return "ogg/vorbis"
+    if body.startswith(b"OpusHead"):
+        return "ogg/opus"
+    if body.startswith(b"\x7fFLAC"):
+        return "ogg/flac"
+    if body.startswith(b"Speex"):
+        return "ogg/speex"
+    return "ogg (unknown codec)"
+
+
+def _sniff_after_id3(data: bytes) -> str:
+    if len(data) < 10:
+        return "mp3"
+    size = (data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | data[9] & 0x7F
+    after = data[10 + size : 10 + size + 64]
+    if after[:4] == b"fLaC":
+        return "flac"
+    if len(after) >= 2 and after[0] == 0xFF and after[1] & 0xF6 == 0xF0:
+        return "aac (ADTS)"
+    return "mp3"
+
+
+def _sniff_other(head: bytes) -> str:
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm/matroska"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:4] == b"caff":
+        return "caf"
+    if head[:5] == b"#!AMR":
+        return "amr"
+    if head[:4] == b"\x30\x26\xb2\x75":
+        return "wma/asf"
+    if len(head) >= 2 and head[0] == 0xFF:
+        if head[1] & 0xF6 == 0xF0:
+            return "aac (ADTS)"
+        if head[1] & 0xE0 == 0xE0 and head[1] & 0x06:
+            return "mp3"
+    if head[:3] == b"\xff\xd8\xff":
+        return "a JPEG image"
+    for magic, name in _NOT_AUDIO.items():
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF":
+        return f"RIFF/{head[8:12].decode('latin-1').strip() or '?'} (not WAVE)"
+    return "unknown"
+
+
+def _decode_in_process(data: bytes, kind: str, label: str) -> np.ndarray:
+    try:
+        decoded = _miniaudio_read(data, kind)
+    except miniaudio.MiniaudioError as exc:
+        raise AudioError(
+            f"could not decode the {kind} audio{label}: the file is corrupt or truncated"
+        ) from exc
+    if decoded.sample_rate <= 0 or decoded.nchannels <= 0:
+        raise AudioError(f"the {kind} audio{label} has an invalid sample rate or channel count")
+    return _to_mono_16k(_as_float32(decoded), decoded.nchannels, decoded.sample_rate)
+
+
+def _miniaudio_read(data: bytes, kind: str) -> miniaudio.DecodedSoundFile:
+    if kind.startswith("wav"):
+        return miniaudio.wav_read_f32(data)
+    if kind == "mp3":
+        return miniaudio.mp3_read_f32(data)
+    if kind == "flac":
+        return miniaudio.flac_read_f32(data)
+    return miniaudio.vorbis_read(data)  # signed 16-bit; stb_vorbis has no f32 reader here
+
+
+def _as_float32(decoded: miniaudio.DecodedSoundFile) -> np.ndarray:
+    if decoded.sample_format == miniaudio.SampleFormat.FLOAT32:
+        return np.frombuffer(decoded.samples, dtype=np.float32)
+    if decoded.sample_format == miniaudio.SampleFormat.SIGNED16:
+        return np.frombuffer(decoded.samples, dtype=np.int16).astype(np.float32) / 32768.0
+    raise AudioError(f"unexpected decoded sample format {decoded.sample_format}")
+
+
+def _to_mono_16k(interleaved: np.ndarray, channels: int, rate: int) -> np.ndarray:
+    frames = interleaved.size // channels
+    x = interleaved[: frames * channels].reshape(frames, channels)
+    mono = x.mean(axis=1, dtype=np.float64) if channels > 1 else x[:, 0].astype(np.float64)
+    mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
+    if rate != SAMPLE_RATE and mono.size:
+        g = gcd(SAMPLE_RATE, rate)
+        from scipy.signal import resample_poly
+
+        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g)
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _decode_with_ffmpeg(data: bytes, kind: str, label: str, ffmpeg: str | None) -> np.ndarray:
+    if kind.startswith(("a ", "an ")):
+        raise AudioError(f"the uploaded file{label} is {kind}, not audio")
+    if ffmpeg is None:
+        if kind == "unknown":
+            raise AudioError(
+                f"unrecognised audio format{label}: send WAV, MP3, FLAC or OGG "
+                "(other formats need ffmpeg: brew install ffmpeg)"
+            )
+        raise AudioError(f"{kind} audio needs ffmpeg: {_NEEDS_FFMPEG_HINT}")
+    # A temporary file, not a pipe: MP4/M4A often keep their index (moov) at the end and
+    # ffmpeg cannot seek back on a pipe.
+    with tempfile.TemporaryDirectory(prefix="mlxd-audio-") as tmp:
+        src = Path(tmp) / "input"
+        src.write_bytes(data)
+        raw = _run_ffmpeg(ffmpeg, src, kind, label)
+    # Stereo out, averaged here: the same (L+R)/2 mix as in-process decoding. (`-ac 1` would
+    # sum at +3 dB, so a loud stereo file would clip.)
+    stereo = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<f4").reshape(-1, 2)
+    return stereo.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def _run_ffmpeg(ffmpeg: str, src: Path, kind: str, label: str) -> bytes:
+    cmd = [
+        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
+        "-i", str(src), "-vn", "-f", "f32le", "-acodec", "pcm_f32le",
+        "-ac", "2", "-ar", str(SAMPLE_RATE), "pipe:1",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
+    except FileNotFoundError as exc:
+        raise AudioError(f"{kind} audio needs ffmpeg, which was not found at {ffmpeg}") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise AudioError(f"decoding the {kind} audio{label} took too long") from exc
+    if proc.returncode != 0:
+        reason = _last_line(proc.stderr, str(src)) or f"ffmpeg exited with status {proc.returncode}"
+        what = "file" if kind == "unknown" else f"{kind} audio"
+        raise AudioError(f"could not decode the {what}{label}: {reason}")
+    return proc.stdout
+
+
+def _last_line(stderr: bytes, src: str) -> str:
+    text = stderr.decode("utf-8", "replace").replace(f"{src}: ", "").replace(src, "input")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
