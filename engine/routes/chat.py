@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from engine.validation import (
 )
 
 bp = Blueprint("chat")
+log = logging.getLogger("mlxd.chat")
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 IMAGE_TYPES = ("JPEG", "PNG", "WEBP", "GIF")
@@ -382,8 +384,17 @@ def timings(outcome: ChatOutcome) -> dict[str, float]:
 # ---- model-thread side -------------------------------------------------------------------
 
 
+def _context_error(n_prompt: int, n_ctx: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"The prompt has {n_prompt} tokens, more than the model's context of {n_ctx} tokens "
+        "leaves room for",
+        code="context_length_exceeded",
+        extra={"n_prompt_tokens": n_prompt, "n_ctx": n_ctx},
+    )
+
+
 def chat_job(runner: Any, job: Job) -> ChatOutcome:
-    from engine.runners.chat import ChatParams
+    from engine.runners.chat import ChatParams, PromptTooLongError
 
     request: ChatRequest = job.payload
     try:
@@ -393,16 +404,13 @@ def chat_job(runner: Any, job: Job) -> ChatOutcome:
             enable_thinking=request.enable_thinking,
             tools=request.tools,
         )
+    except PromptTooLongError as exc:
+        raise _context_error(exc.n_prompt_tokens, exc.n_ctx) from None
     except ValueError as exc:
         raise InvalidRequest(f"The messages could not be rendered: {exc}") from None
     context = runner.context_length
     if prompt.n_tokens >= context:
-        raise InvalidRequest(
-            f"The prompt has {prompt.n_tokens} tokens, more than the model's context of "
-            f"{context} tokens allows",
-            code="context_length_exceeded",
-            extra={"n_prompt_tokens": prompt.n_tokens, "n_ctx": context},
-        )
+        raise _context_error(prompt.n_tokens, context)
     room = context - prompt.n_tokens
     sampling = {**runner.generation_defaults(), **request.sampling}
     params = ChatParams(
@@ -436,7 +444,9 @@ def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> ChatOutcome:
             job.emit(step)
         if step.finish_reason is not None:
             outcome.finish_reason = step.finish_reason
-    job.check()
+    if job.cancelled:
+        log.info("chat: generation cancelled after %d tokens", outcome.completion_tokens)
+        job.check()
     finished = time.perf_counter()
     first_token_at = first_token_at or finished
     outcome.text = "".join(parts)

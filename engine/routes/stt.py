@@ -199,6 +199,12 @@ def verbose_json(result: dict, params: TranscribeRequest, text: str) -> dict[str
     }
 
 
+def _finite(value: Any, default: float = 0.0) -> float:
+    """JSON has no NaN: mlx-whisper can report avg_logprob NaN for degenerate segments."""
+    number = float(value) if isinstance(value, int | float) else default
+    return number if math.isfinite(number) else default
+
+
 def _segment(segment: dict) -> dict[str, Any]:
     return {
         "id": segment.get("id", 0),
@@ -212,13 +218,13 @@ def _segment(segment: dict) -> dict[str, Any]:
                 "start": w["start"],
                 "end": w["end"],
                 "t_dtw": -1,
-                "probability": w.get("probability", 0.0),
+                "probability": _finite(w.get("probability")),
             }
             for w in segment.get("words", [])
         ],
-        "temperature": segment.get("temperature", 0.0),
-        "avg_logprob": segment.get("avg_logprob", 0.0),
-        "no_speech_prob": segment.get("no_speech_prob", 0.0),
+        "temperature": _finite(segment.get("temperature")),
+        "avg_logprob": _finite(segment.get("avg_logprob")),
+        "no_speech_prob": _finite(segment.get("no_speech_prob")),
     }
 
 
@@ -226,8 +232,10 @@ def _segment(segment: dict) -> dict[str, Any]:
 
 
 def transcribe_job(runner: Any, job: Job) -> dict:
+    from mlx_whisper.tokenizer import LANGUAGES
+
     params: TranscribeRequest = job.payload
-    return runner.transcribe(
+    result = runner.transcribe(
         params.audio,
         language=params.language,
         task=params.task,
@@ -236,6 +244,8 @@ def transcribe_job(runner: Any, job: Job) -> dict:
         word_timestamps=params.word_timestamps,
         is_cancelled=lambda: job.cancelled,
     )
+    result["language_name"] = LANGUAGES.get(result.get("language"), result.get("language"))
+    return result
 
 
 def load(model: ModelInfo, config: Config) -> Any:

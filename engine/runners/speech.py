@@ -18,14 +18,12 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+from engine.scheduler import Cancelled
+
 SAMPLE_RATE = 16_000
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # mlx-whisper 0.4.3 raises NotImplementedError for beam search; decode greedily instead.
 _UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
-
-
-class Cancelled(Exception):
-    """The request was cancelled (client gone) while it was being transcribed."""
 
 
 def _never() -> bool:
