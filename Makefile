@@ -1,0 +1,45 @@
+# Two entry points: `make serve` (install, then run the services) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+.PHONY: install install-test serve test lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# mlx-whisper declares torch although mlxd never imports it; on Linux take the CPU build.
+$(VENV)/.torch: | $(BIN)/python
+	if [ "$$(uname -s)" = Linux ]; then $(BIN)/pip install --quiet torch==2.13.0; fi
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+serve: install
+	$(BIN)/mlxd serve $(ARGS)
+
+lint: install-test
+	$(BIN)/ruff check engine conversions tests bench
+	$(BIN)/ruff format --check engine conversions tests bench
+
+test: install-test lint
+	$(BIN)/pytest $(ARGS)
+
+format: install-test
+	$(BIN)/ruff format engine conversions tests bench
+	$(BIN)/ruff check --fix engine conversions tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
