@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,8 +24,8 @@ def worker_pid(parent: int, service: str) -> int | None:
         if not entry.isdigit():
             continue
         try:
-            stat = open(f"/proc/{entry}/stat").read()
-            cmdline = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
@@ -104,10 +106,8 @@ def test_sigterm_exits_zero_promptly_even_with_work_in_flight(tmp_path, tiny_mod
 
 
 def _ignore(call) -> None:
-    try:
+    with contextlib.suppress(httpx.HTTPError):
         call()
-    except httpx.HTTPError:
-        pass
 
 
 def test_api_key_is_required_except_for_health(tmp_path, tiny_models) -> None:
