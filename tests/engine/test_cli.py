@@ -1,0 +1,59 @@
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from engine import __version__
+from engine.cli import main
+
+
+def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"MLXD_HOME": str(home), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_version(tmp_path: Path) -> None:
+    result = run_cli("--version", home=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"mlxd {__version__}"
+
+
+def test_no_command_prints_help(capsys) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().out
+
+
+def test_models_lists_the_store(tmp_path: Path) -> None:
+    empty = run_cli("models", home=tmp_path)
+    assert empty.returncode == 0 and "mlxd pull" in empty.stdout
+    model = tmp_path / "models" / "my-bge"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (model / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    manifest = {"kind": "embeddings", "quantization": {"bits": 8, "group_size": 64}}
+    (model / "manifest.json").write_text(json.dumps(manifest))
+    listed = run_cli("models", home=tmp_path)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("my-bge"))
+    assert "embeddings" in row and "2.0 MB" in row and "q8 (group 64)" in row
+
+
+def test_doctor_reports_ports_models_and_ffmpeg(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = run_cli("doctor", "--chat-port", str(port), home=tmp_path)
+    assert result.returncode == 1  # a port is taken and no model is installed
+    out = result.stdout
+    assert f"Port {port} (chat): IN USE" in out
+    assert "Model for chat: MISSING" in out and "mlxd pull gemma-4-e4b" in out
+    assert "MLX: " in out and "Platform: " in out and "ffmpeg: " in out
+
+
+def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
+    result = run_cli("serve", "--only", "video", home=tmp_path)
+    assert result.returncode == 2 and "--only" in result.stderr
