@@ -36,6 +36,10 @@ class StoreError(ValueError):
     """The store or a model directory is malformed."""
 
 
+class ConversionError(ValueError):
+    """A source cannot be converted; the message says why and what to do instead."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     id: str
