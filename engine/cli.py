@@ -7,9 +7,11 @@ import logging
 import platform
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.config import SERVICES as KINDS
 from engine.config import Config, ConfigError, load_config
 
 SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -50,14 +52,49 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(models, [])
     doctor = commands.add_parser("doctor", help="check the platform, ports and models")
     _add_config_flags(doctor, SERVE_FLAGS)
+    _add_model_commands(commands)
     return parser
+
+
+def _add_conversion_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q", "--quantize", type=int, choices=(0, 4, 8), help="bits (0: none; default per kind)"
+    )
+    parser.add_argument("--group-size", type=int, default=64, help="quantization group size")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="float dtype")
+    parser.add_argument("--force", action="store_true", help="replace an installed model")
+
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    pull = commands.add_parser("pull", help="download, convert and install a model")
+    pull.add_argument("model", metavar="ID", help="a known id (see README) or a hub repo ORG/NAME")
+    pull.add_argument("--kind", choices=KINDS, help="service for a hub repo not in the catalog")
+    pull.add_argument("--revision", help="branch, tag or commit to download")
+    pull.add_argument("--as", dest="as_id", metavar="ID", help="store id (default from the repo)")
+    _add_conversion_flags(pull)
+    convert = commands.add_parser("convert", help="convert a local checkpoint into the store")
+    convert.add_argument("kind", choices=KINDS, help="the service that will serve it")
+    convert.add_argument("source", help="HF directory, GGUF file or CTranslate2 directory")
+    convert.add_argument("--as", dest="as_id", metavar="ID", required=True, help="store id")
+    _add_conversion_flags(convert)
+    for name, text in (("rm", "remove an installed model"), ("verify", "check model files")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("model", metavar="ID")
+    for sub in (pull, convert, commands.choices["rm"], commands.choices["verify"]):
+        _add_config_flags(sub, [])
+
+
+COMMAND_ARGS = frozenset(
+    {"command", "config", "model", "kind", "revision", "as_id", "source", "quantize"}
+    | {"group_size", "dtype", "force"}
+)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     flags = {
         key: value
         for key, value in vars(args).items()
-        if key not in ("command", "config", "func") and value is not None
+        if key not in COMMAND_ARGS and value is not None
     }
     return load_config(flags, args.config)
 
@@ -138,7 +175,103 @@ def cmd_doctor(config: Config) -> int:
     return 0 if ok else 1
 
 
+def _options(args: argparse.Namespace, kind: str, entry=None) -> Any:
+    from conversions.catalog import DEFAULT_DTYPE, DEFAULT_QUANTIZATION
+    from conversions.store import ConvertOptions
+
+    bits = (
+        args.quantize
+        if args.quantize is not None
+        else (entry.quantization if entry else DEFAULT_QUANTIZATION[kind])
+    )
+    dtype = args.dtype or (entry.dtype if entry else DEFAULT_DTYPE[kind])
+    return ConvertOptions(quantization=bits or None, group_size=args.group_size, dtype=dtype)
+
+
+def cmd_pull(config: Config, args: argparse.Namespace) -> int:
+    from conversions.catalog import CATALOG
+    from conversions.hub import download
+    from conversions.store import Store, install
+
+    entry = CATALOG.get(args.model)
+    if entry is None and "/" not in args.model:
+        known = ", ".join(CATALOG)
+        raise CommandError(f"unknown model id {args.model!r}: use one of {known}, or ORG/NAME")
+    kind = args.kind or (entry.kind if entry else None)
+    if kind is None:
+        raise CommandError(f"{args.model} is not in the catalog: say what serves it with --kind")
+    repo = entry.repo if entry else args.model
+    model_id = args.as_id or (entry.id if entry else repo.split("/")[-1].lower())
+    store = Store(config.home)
+    _refuse_existing(store, model_id, args.force)
+    fetched = download(repo, args.revision, kind)
+    source = {"type": "huggingface", "repo": repo, "revision": fetched.revision}
+    info = install(
+        store,
+        model_id,
+        kind,
+        fetched.path,
+        source_info=source,
+        options=_options(args, kind, entry),
+        force=args.force,
+    )
+    print(f"Installed {info.id} ({kind}) from {repo}@{fetched.revision[:12]} in {info.path}")
+    return 0
+
+
+def cmd_convert(config: Config, args: argparse.Namespace) -> int:
+    from conversions.store import Store, install, source_digest
+
+    source = Path(args.source).expanduser().resolve()
+    if not source.exists():
+        raise CommandError(f"source {args.source} does not exist")
+    store = Store(config.home)
+    _refuse_existing(store, args.as_id, args.force)
+    info_source = {"type": "local", "path": str(source), "sha256": source_digest(source)}
+    info = install(
+        store,
+        args.as_id,
+        args.kind,
+        source,
+        source_info=info_source,
+        options=_options(args, args.kind),
+        force=args.force,
+    )
+    print(f"Installed {info.id} ({args.kind}) from {source} in {info.path}")
+    return 0
+
+
+def _refuse_existing(store: Any, model_id: str, force: bool) -> None:
+    if store.path(model_id).exists() and not force:
+        raise CommandError(f"model {model_id!r} is already installed; pass --force to replace it")
+
+
+def cmd_rm(config: Config, args: argparse.Namespace) -> int:
+    from conversions.store import Store, remove
+
+    print(f"Removed {remove(Store(config.home), args.model)}")
+    return 0
+
+
+def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from conversions.store import ModelMissing, Store, verify
+
+    directory = Store(config.home).path(args.model)
+    if not directory.is_dir():
+        raise ModelMissing(f"model {args.model!r} is not installed")
+    problems = verify(directory)
+    for problem in problems:
+        print(problem)
+    print(f"{args.model}: {'FAILED' if problems else 'OK'}")
+    return 1 if problems else 0
+
+
+class CommandError(Exception):
+    """A usage problem the command explains."""
+
+
 COMMANDS = {"serve": cmd_serve, "models": cmd_models, "doctor": cmd_doctor}
+MODEL_COMMANDS = {"pull": cmd_pull, "convert": cmd_convert, "rm": cmd_rm, "verify": cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,4 +286,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: error: {exc}", file=sys.stderr)
         return 2
     logging.captureWarnings(True)
-    return COMMANDS[args.command](config)
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](config)
+    from conversions.store import ConversionError, ModelMissing, StoreError
+
+    try:
+        return MODEL_COMMANDS[args.command](config, args)
+    except (CommandError, ConversionError, ModelMissing, StoreError) as exc:
+        print(f"mlxd {args.command}: error: {exc}", file=sys.stderr)
+        return 1

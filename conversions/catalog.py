@@ -1,0 +1,107 @@
+"""The models `mlxd pull` knows by a short id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from conversions.store import Kind
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    id: str
+    kind: Kind
+    repo: str
+    quantization: int | None
+    dtype: str
+    note: str
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.id: entry
+    for entry in [
+        CatalogEntry(
+            "gemma-4-e4b",
+            "chat",
+            "google/gemma-4-E4B-it",
+            4,
+            "bfloat16",
+            "Gemma 4 E4B instruct, vision + thinking (language model 4-bit)",
+        ),
+        CatalogEntry(
+            "bge-base-zh",
+            "embeddings",
+            "BAAI/bge-base-zh-v1.5",
+            None,
+            "float16",
+            "BGE base zh v1.5, 768-dim, CLS pooling",
+        ),
+        CatalogEntry(
+            "bge-small-zh",
+            "embeddings",
+            "BAAI/bge-small-zh-v1.5",
+            None,
+            "float16",
+            "BGE small zh v1.5, 512-dim, CLS pooling",
+        ),
+        CatalogEntry(
+            "all-minilm-l6-v2",
+            "embeddings",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            None,
+            "float16",
+            "all-MiniLM-L6-v2, 384-dim, mean pooling",
+        ),
+        CatalogEntry(
+            "whisper-large-v3-turbo",
+            "stt",
+            "openai/whisper-large-v3-turbo",
+            None,
+            "float16",
+            "Whisper large-v3 turbo, multilingual",
+        ),
+        CatalogEntry(
+            "whisper-large-v3",
+            "stt",
+            "openai/whisper-large-v3",
+            None,
+            "float16",
+            "Whisper large-v3, multilingual",
+        ),
+        CatalogEntry(
+            "whisper-medium",
+            "stt",
+            "openai/whisper-medium",
+            None,
+            "float16",
+            "Whisper medium, multilingual",
+        ),
+        CatalogEntry(
+            "whisper-small",
+            "stt",
+            "openai/whisper-small",
+            None,
+            "float16",
+            "Whisper small, multilingual",
+        ),
+        CatalogEntry(
+            "whisper-base",
+            "stt",
+            "openai/whisper-base",
+            None,
+            "float16",
+            "Whisper base, multilingual",
+        ),
+        CatalogEntry(
+            "whisper-tiny",
+            "stt",
+            "openai/whisper-tiny",
+            None,
+            "float16",
+            "Whisper tiny, multilingual",
+        ),
+    ]
+}
+
+DEFAULT_QUANTIZATION: dict[Kind, int | None] = {"chat": 4, "embeddings": None, "stt": None}
+DEFAULT_DTYPE: dict[Kind, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}
