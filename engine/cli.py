@@ -29,6 +29,21 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--strict-model", {"action": "store_const", "const": True, "help": "404 unknown models"}),
     ("--queue-size", {"type": int, "help": "requests queued per service before 503 (default 64)"}),
     ("--shutdown-timeout", {"type": float, "help": "seconds to finish work on SIGTERM"}),
+    ("--embeddings-max-inputs", {"type": int, "help": "inputs per embeddings request (2048)"}),
+    ("--embeddings-batch-tokens", {"type": int, "help": "tokens per embeddings forward pass"}),
+    (
+        "--embeddings-truncate",
+        {"action": "store_const", "const": True, "help": "truncate over-long inputs, not 400"},
+    ),
+    (
+        "--embeddings-no-batching",
+        {
+            "action": "store_const",
+            "const": False,
+            "dest": "embeddings_batching",
+            "help": "one embeddings request per forward pass (for comparison)",
+        },
+    ),
     ("--log-level", {"help": "DEBUG, INFO, WARNING or ERROR"}),
 ]
 

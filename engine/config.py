@@ -46,6 +46,10 @@ class Config:
     chat_max_body_mb: int = 64
     embeddings_max_body_mb: int = 16
     stt_max_body_mb: int = 512
+    embeddings_max_inputs: int = 2048
+    embeddings_batch_tokens: int = 16384
+    embeddings_batching: bool = True
+    embeddings_truncate: bool = False
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
 
@@ -141,8 +145,9 @@ def validate(config: Config) -> None:
             raise ConfigError(f"port {port} is out of range")
     if len(set(ports)) != len(ports):
         raise ConfigError("each service needs its own port")
-    if config.queue_size < 1:
-        raise ConfigError("queue_size must be at least 1")
+    for name in ("queue_size", "embeddings_max_inputs", "embeddings_batch_tokens"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1")
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         raise ConfigError(
             f"refusing to listen on non-loopback host {config.host!r} without an API key: "

@@ -94,7 +94,9 @@ class Job:
 
 
 Handler = Callable[[Any, Job], Any]
-BatchHandler = Callable[[Any, list[Job]], None]
+# A batch handler gets the jobs to start with and a callable that hands it the jobs of the same
+# kind queued since, so that it can admit them between steps of a long batch.
+BatchHandler = Callable[[Any, list[Job], Callable[[], list[Job]]], None]
 
 
 @dataclass
@@ -222,6 +224,20 @@ class ModelWorker:
                 self._queue.remove(job)
                 batch.append(job)
 
+    def _take_more(self, kind: str) -> list[Job]:
+        """Queued jobs of `kind`, moved into the running batch (model thread)."""
+        rule = self._batch_rules[kind]
+        with self._cond:
+            if self._stopping:
+                return []
+            taken: list[Job] = []
+            for job in list(self._queue):
+                if job.kind == kind and rule.fits(self._active + taken, job):
+                    self._queue.remove(job)
+                    taken.append(job)
+            self._active = self._active + taken
+            return taken
+
     def _run(self, batch: list[Job]) -> None:
         live = [job for job in batch if not job.cancelled]
         for job in batch:
@@ -238,14 +254,17 @@ class ModelWorker:
         rule = self._batch_rules.get(jobs[0].kind)
         try:
             if rule is not None:
-                rule.handler(self.runner, jobs)
+                rule.handler(self.runner, jobs, lambda: self._take_more(jobs[0].kind))
                 return
             (job,) = jobs
             job.finish(self._handlers[job.kind](self.runner, job))
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting request(s)
             error = _as_client_error(exc, self.name)
-            for job in jobs:
-                job.finish(error=error)
+            with self._cond:
+                running = list(self._active)
+            for job in running:
+                if not job.future.done():
+                    job.finish(error=error)
 
 
 def _as_client_error(exc: BaseException, name: str) -> BaseException:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from sanic.response import json as json_response
 from conversions.store import ModelInfo
 from engine.config import Config
 from engine.errors import InvalidRequest
-from engine.scheduler import BatchRule, Job
+from engine.scheduler import BatchRule, Cancelled, Job
 from engine.server import ServiceSpec, resolve_requested_model
 from engine.validation import (
     optional_bool,
@@ -22,9 +23,6 @@ from engine.validation import (
     parse_json_body,
     required,
 )
-
-MAX_INPUTS = 2048
-BATCH_TOKEN_BUDGET = 16384
 
 bp = Blueprint("embeddings")
 
@@ -47,7 +45,7 @@ class EmbedResult:
     truncated: list[int]
 
 
-def parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
+def parse_input(value: Any, limit: int) -> tuple[list[str] | None, list[list[int]] | None]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
@@ -59,10 +57,8 @@ def parse_input(value: Any) -> tuple[list[str] | None, list[list[int]] | None]:
         )
     if not value:
         raise InvalidRequest("'input' must not be empty", param="input", code="empty_input")
-    if len(value) > MAX_INPUTS:
-        raise InvalidRequest(
-            f"'input' has {len(value)} items; the limit is {MAX_INPUTS}", param="input"
-        )
+    if len(value) > limit:
+        raise InvalidRequest(f"'input' has {len(value)} items; the limit is {limit}", param="input")
     if all(_is_token(item) for item in value):
         return None, [value]
     if all(isinstance(item, list) for item in value):
@@ -101,10 +97,11 @@ def _text(item: Any, index: int) -> str:
 async def create_embeddings(request: Request) -> HTTPResponse:
     body = parse_json_body(request)
     model = resolve_requested_model(request, body.get("model"))
-    texts, token_lists = parse_input(required(body, "input"))
+    config: Config = request.app.ctx.config
+    texts, token_lists = parse_input(required(body, "input"), config.embeddings_max_inputs)
     encoding = optional_string(body, "encoding_format", ("float", "base64")) or "float"
     dimensions = optional_number(body, "dimensions", minimum=1, integer=True)
-    truncate = optional_bool(body, "truncate", default=False)
+    truncate = optional_bool(body, "truncate", default=config.embeddings_truncate)
     job = request.app.ctx.worker.submit("embed", EmbedRequest(texts, token_lists, truncate))
     result: EmbedResult = await job.result()
     vectors = _resize(result.vectors, dimensions)
@@ -182,43 +179,91 @@ def _truncate(tokens: list[int], limit: int, keep_last: bool) -> list[int]:
     return tokens[: limit - 1] + tokens[-1:] if keep_last else tokens[:limit]
 
 
-def embed_batch(runner: Any, jobs: list[Job]) -> None:
-    """Tokenize every job, embed all sequences together grouped by length, split back."""
-    prepared: list[tuple[Job, list[list[int]], list[int]]] = []
+@dataclass
+class _Work:
+    """One request being embedded: its sequences, and the vectors done so far."""
+
+    job: Job
+    sequences: list[list[int]]
+    truncated: list[int]
+    vectors: np.ndarray
+    next: int = 0
+
+    @property
+    def remaining_tokens(self) -> int:
+        return sum(len(s) for s in self.sequences[self.next :])
+
+
+def _start(runner: Any, jobs: list[Job]) -> list[_Work]:
+    work = []
     for job in jobs:
         try:
-            lists, truncated = _tokenize(runner, job.payload)
+            sequences, truncated = _tokenize(runner, job.payload)
         except InvalidRequest as exc:
             job.finish(error=exc)
             continue
-        prepared.append((job, lists, truncated))
-    sequences = [tokens for _, lists, _ in prepared for tokens in lists]
-    if not sequences:
-        return
-    vectors = _embed_grouped(runner, sequences)
-    offset = 0
-    for job, lists, truncated in prepared:
-        part = vectors[offset : offset + len(lists)]
-        offset += len(lists)
-        job.finish(EmbedResult(part, [len(t) for t in lists], truncated))
+        vectors = np.empty((len(sequences), runner.hidden_size), dtype=np.float32)
+        work.append(_Work(job, sequences, truncated, vectors))
+    return work
 
 
-def _embed_grouped(runner: Any, sequences: list[list[int]]) -> np.ndarray:
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    out = np.zeros((len(sequences), runner.hidden_size), dtype=np.float32)
-    chunk: list[int] = []
-    for index in order:
-        longest = len(sequences[index])
-        if chunk and longest * (len(chunk) + 1) > BATCH_TOKEN_BUDGET:
-            out[chunk] = runner.embed([sequences[i] for i in chunk])
-            chunk = []
-        chunk.append(index)
-    out[chunk] = runner.embed([sequences[i] for i in chunk])
-    return out
+def _next_round(work: list[_Work], budget: int) -> list[tuple[_Work, int]]:
+    """Sequences for one forward pass: the oldest request's next one (so nothing starves), then
+    the requests with the least left first, until the token budget is spent."""
+    picked = [(work[0], work[0].next)]
+    spent = len(work[0].sequences[work[0].next])
+    cursor = {id(work[0]): work[0].next + 1}
+    for item in sorted(work, key=lambda w: w.remaining_tokens):
+        index = cursor.get(id(item), item.next)
+        while index < len(item.sequences) and spent + len(item.sequences[index]) <= budget:
+            picked.append((item, index))
+            spent += len(item.sequences[index])
+            index += 1
+        cursor[id(item)] = index
+    return picked
 
 
-def _fits(batch: list[Job], job: Job) -> bool:
-    return sum(j.payload.count for j in batch) + job.payload.count <= MAX_INPUTS
+def embed_batch(
+    runner: Any, jobs: list[Job], take_more: Callable[[], list[Job]], budget: int
+) -> None:
+    """Embed requests together, round by round; finish each as soon as its vectors are done and
+    admit requests that arrive meanwhile, so a large request cannot starve small ones."""
+    work = _start(runner, jobs)
+    while work:
+        picked = _next_round(work, budget)
+        vectors = runner.embed([item.sequences[index] for item, index in picked])
+        for (item, index), vector in zip(picked, vectors, strict=True):
+            item.vectors[index] = vector
+            item.next = max(item.next, index + 1)
+        work = _settle(work) + _start(runner, take_more())
+
+
+def _settle(work: list[_Work]) -> list[_Work]:
+    left = []
+    for item in work:
+        if item.job.cancelled:
+            item.job.finish(error=Cancelled())
+        elif item.next == len(item.sequences):
+            lengths = [len(s) for s in item.sequences]
+            item.job.finish(EmbedResult(item.vectors, lengths, item.truncated))
+        else:
+            left.append(item)
+    return left
+
+
+def _batch_rules(config: Config) -> dict[str, BatchRule]:
+    limit = config.embeddings_max_inputs
+
+    def fits(batch: list[Job], job: Job) -> bool:
+        if not config.embeddings_batching:
+            return False
+        return sum(j.payload.count for j in batch) + job.payload.count <= limit
+
+    def handler(runner: Any, jobs: list[Job], take_more: Callable[[], list[Job]]) -> None:
+        more = take_more if config.embeddings_batching else list
+        embed_batch(runner, jobs, more, config.embeddings_batch_tokens)
+
+    return {"embed": BatchRule(handler, fits)}
 
 
 def load(model: ModelInfo, config: Config) -> Any:
@@ -227,9 +272,4 @@ def load(model: ModelInfo, config: Config) -> Any:
     return EmbeddingsRunner.load(model.path, model.id)
 
 
-SPEC = ServiceSpec(
-    name="embeddings",
-    blueprint=bp,
-    load=load,
-    batch_rules=lambda config: {"embed": BatchRule(embed_batch, _fits)},
-)
+SPEC = ServiceSpec(name="embeddings", blueprint=bp, load=load, batch_rules=_batch_rules)

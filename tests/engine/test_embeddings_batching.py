@@ -1,0 +1,103 @@
+"""The embeddings scheduler: requests batched together, split back, none starved."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine.errors import InvalidRequest
+from engine.routes.embeddings import EmbedRequest, embed_batch
+from engine.scheduler import Cancelled, Job
+from tests.engine.fakes import FakeEmbeddings
+
+
+class LongFake(FakeEmbeddings):
+    max_tokens = 512
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds: list[list[int]] = []
+
+    def embed(self, token_lists):
+        self.rounds.append([len(t) for t in token_lists])
+        return super().embed(token_lists)
+
+
+def make_jobs(loop, requests: list[EmbedRequest]) -> list[Job]:
+    return [Job("embed", r, loop, loop.create_future()) for r in requests]
+
+
+async def settle(jobs: list[Job]) -> list:
+    await asyncio.sleep(0)
+    return await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+
+
+def run(runner, first: list[EmbedRequest], later: list[EmbedRequest] = (), budget=64):
+    loop = asyncio.new_event_loop()
+    jobs = make_jobs(loop, first)
+    extra = make_jobs(loop, list(later))
+    handed = []
+
+    def take_more() -> list[Job]:
+        if extra and not handed:
+            handed.extend(extra)
+            return list(extra)
+        return []
+
+    embed_batch(runner, jobs, take_more, budget)
+    results = loop.run_until_complete(settle(jobs + extra))
+    loop.close()
+    return results
+
+
+def texts(*items: str) -> EmbedRequest:
+    return EmbedRequest(list(items), None, False)
+
+
+def test_results_are_split_back_in_order_and_equal_single_runs() -> None:
+    runner = LongFake()
+    requests = [texts("alpha", "beta"), texts("gamma"), texts("delta", "epsilon", "zeta")]
+    results = run(runner, requests, budget=1000)
+    assert len(runner.rounds) == 1  # one forward pass for all three requests
+    for request, result in zip(requests, results, strict=True):
+        alone = runner.embed(runner.tokenize(request.texts))
+        assert np.array_equal(result.vectors, alone)
+        assert result.token_counts == [len(t) + 2 for t in request.texts]
+
+
+def test_a_large_request_does_not_starve_small_ones_that_arrive_later() -> None:
+    runner = LongFake()
+    large = texts(*["x" * 30] * 20)  # 20 sequences of 32 tokens; budget 64 => 10 rounds alone
+    small = texts("hi")
+    results = run(runner, [large], later=[small], budget=64)
+    assert all(not isinstance(r, Exception) for r in results)
+    small_round = next(i for i, r in enumerate(runner.rounds) if 4 in r)
+    assert small_round <= 1, runner.rounds  # admitted right after the first round
+
+
+def test_bad_request_fails_alone() -> None:
+    runner = LongFake()
+    results = run(runner, [texts("ok"), texts("y" * 600), texts("fine")], budget=1000)
+    assert isinstance(results[1], InvalidRequest) and results[1].param == "input[0]"
+    assert "input[0] has 602 tokens" in results[1].message
+    assert results[0].vectors.shape == (1, 8) and results[2].vectors.shape == (1, 8)
+
+
+def test_cancelled_request_is_dropped() -> None:
+    runner = LongFake()
+    loop = asyncio.new_event_loop()
+    jobs = make_jobs(loop, [texts(*["a" * 30] * 10), texts("b")])
+    jobs[0].cancel()
+    embed_batch(runner, jobs, list, 64)
+    results = loop.run_until_complete(settle(jobs))
+    loop.close()
+    assert isinstance(results[0], Cancelled)
+    assert results[1].vectors.shape == (1, 8)
+
+
+@pytest.mark.parametrize("budget", [1, 10, 1000])
+def test_every_budget_makes_progress(budget: int) -> None:
+    results = run(LongFake(), [texts("abc", "de"), texts("f")], budget=budget)
+    assert [r.vectors.shape[0] for r in results] == [2, 1]
