@@ -57,3 +57,31 @@ def model_flags(models: dict[str, Path]) -> list[str]:
     for service, path in models.items():
         flags += [f"--{service}-model", str(path)]
     return flags
+
+
+NODE_DIR = Path(__file__).parent / "node"
+
+
+@pytest.fixture(scope="session")
+def node_client():
+    """Run tests/node/client.mjs (the official OpenAI Node SDK) against a base URL."""
+    import json
+    import subprocess
+
+    node, npm = require_tool("node"), require_tool("npm")
+    if not (NODE_DIR / "node_modules" / "openai").is_dir():
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300
+        )
+
+    def run(base_url: str, request: dict) -> dict:
+        result = subprocess.run(
+            [node, str(NODE_DIR / "client.mjs"), base_url, json.dumps(request)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    return run

@@ -197,3 +197,34 @@ def test_client_disconnect_frees_the_model(server: Server, tmp_path: Path) -> No
         model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, timeout=30
     )
     assert reply.choices[0].message.content is not None
+
+
+def test_node_sdk_embeddings_equal_the_float_response(server: Server, node_client) -> None:
+    base = server.url("embeddings") + "/v1"
+    texts = ["你好，世界", "hello world"]
+    default = node_client(base, {"kind": "embeddings", "model": "bge-base-zh", "input": texts})
+    floats = node_client(
+        base, {"kind": "embeddings", "model": "x", "input": texts, "encoding_format": "float"}
+    )
+    python = client(server, "embeddings").embeddings.create(model="x", input=texts)
+    for a, b, c in zip(default["data"], floats["data"], python.data, strict=True):
+        assert len(a) == len(b) == 32
+        assert np.allclose(a, b, atol=1e-6) and np.allclose(a, c.embedding, atol=1e-6)
+
+
+def test_node_sdk_chat_stream_and_not(server: Server, node_client) -> None:
+    base = server.url("chat") + "/v1"
+    request = {
+        "kind": "chat",
+        "model": "gemma-4-e4b",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    whole = node_client(base, request)
+    streamed = node_client(
+        base, {**request, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert whole["content"] and whole["content"] == streamed["content"]
+    assert streamed["finish_reason"] == whole["finish_reason"]
+    assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
