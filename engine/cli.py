@@ -27,6 +27,15 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--allowed-hosts", {"help": "extra Host header names to accept, comma-separated"}),
     ("--cors-origins", {"help": "origins that get CORS headers, comma-separated ('*' for any)"}),
     ("--strict-model", {"action": "store_const", "const": True, "help": "404 unknown models"}),
+    (
+        "--allow-image-urls",
+        {
+            "action": "store_const",
+            "const": True,
+            "dest": "chat_allow_image_urls",
+            "help": "let chat fetch http(s) image URLs (off: only base64 data: URLs)",
+        },
+    ),
     ("--queue-size", {"type": int, "help": "requests queued per service before 503 (default 64)"}),
     ("--shutdown-timeout", {"type": float, "help": "seconds to finish work on SIGTERM"}),
     ("--embeddings-max-inputs", {"type": int, "help": "inputs per embeddings request (2048)"}),
@@ -43,6 +52,14 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "dest": "embeddings_batching",
             "help": "one embeddings request per forward pass (for comparison)",
         },
+    ),
+    (
+        "--stt-language",
+        {"help": "language when a /inference request names none (default auto: detect)"},
+    ),
+    (
+        "--stt-time-limit-factor",
+        {"type": float, "help": "speech time limit: this many s per audio s, min 60 (0: none)"},
     ),
     ("--log-level", {"help": "DEBUG, INFO, WARNING or ERROR"}),
 ]
@@ -68,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser("doctor", help="check the platform, ports and models")
     _add_config_flags(doctor, SERVE_FLAGS)
     _add_model_commands(commands)
+    _add_agent_command(commands)
     return parser
 
 
@@ -97,6 +115,18 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("model", metavar="ID")
     for sub in (pull, convert, commands.choices["rm"], commands.choices["verify"]):
         _add_config_flags(sub, [])
+
+
+def _add_agent_command(commands: argparse._SubParsersAction) -> None:
+    agent = commands.add_parser("agent", help="run mlxd at login as a launchd user agent (macOS)")
+    actions = agent.add_subparsers(dest="agent_action", metavar="ACTION", required=True)
+    install = actions.add_parser("install", help="write ~/Library/LaunchAgents plist and start it")
+    _add_config_flags(install, SERVE_FLAGS)
+    actions.add_parser("uninstall", help="stop the agent and remove its plist")
+    actions.add_parser("status", help="show whether the agent runs, and each service's /health")
+    logs = actions.add_parser("logs", help="print the agent's log (~/Library/Logs/mlxd)")
+    logs.add_argument("-n", "--lines", type=int, default=100, help="lines to show (default 100)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
 
 COMMAND_ARGS = frozenset(
@@ -295,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "agent":
+        from engine.agent import main as agent_main
+
+        return agent_main(args)
     try:
         config = config_from_args(args)
     except ConfigError as exc:

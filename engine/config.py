@@ -50,6 +50,9 @@ class Config:
     embeddings_batch_tokens: int = 16384
     embeddings_batching: bool = True
     embeddings_truncate: bool = False
+    stt_language: str = "auto"
+    stt_time_limit_factor: float = 3.0
+    chat_allow_image_urls: bool = False
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
 
@@ -148,11 +151,23 @@ def validate(config: Config) -> None:
     for name in ("queue_size", "embeddings_max_inputs", "embeddings_batch_tokens"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
+    _validate_stt(config)
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         raise ConfigError(
             f"refusing to listen on non-loopback host {config.host!r} without an API key: "
             "set --api-key or MLXD_API_KEY"
         )
+
+
+def _validate_stt(config: Config) -> None:
+    from engine.languages import language_code
+
+    try:
+        language_code(config.stt_language)
+    except ValueError as exc:
+        raise ConfigError(f"stt_language: {exc}") from None
+    if not config.stt_time_limit_factor >= 0:
+        raise ConfigError("stt_time_limit_factor must be 0 (no limit) or more")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

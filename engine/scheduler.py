@@ -44,6 +44,13 @@ class Job:
     events: asyncio.Queue | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # set on the model thread when the handler starts
+    run_others: Callable[[], float] | None = None  # set by the worker; see yield_to_queue
+
+    def yield_to_queue(self) -> float:
+        """Model thread, between steps of a long job: run the jobs queued now (not batch kinds)
+        to completion, then return the seconds they took. A no-op inside such a nested job."""
+        return self.run_others() if self.run_others is not None else 0.0
 
     @property
     def cancelled(self) -> bool:
@@ -131,6 +138,7 @@ class ModelWorker:
         self._active: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._nested = False
         self._thread = threading.Thread(target=self._main, name=f"mlxd-model-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -257,6 +265,7 @@ class ModelWorker:
                 rule.handler(self.runner, jobs, lambda: self._take_more(jobs[0].kind))
                 return
             (job,) = jobs
+            job.started_at, job.run_others = time.monotonic(), self._run_queued
             job.finish(self._handlers[job.kind](self.runner, job))
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting request(s)
             error = _as_client_error(exc, self.name)
@@ -265,6 +274,47 @@ class ModelWorker:
             for job in running:
                 if not job.future.done():
                     job.finish(error=error)
+
+
+    def _run_queued(self) -> float:
+        """Run, one by one, the single-job kinds queued when called; nested runs don't recurse."""
+        if self._nested:
+            return 0.0
+        started = time.monotonic()
+        self._nested = True
+        try:
+            with self._cond:
+                waiting = len(self._queue)
+            for _ in range(waiting):
+                if (job := self._pop_single()) is None:
+                    break
+                self._run_nested(job)
+        finally:
+            self._nested = False
+        return time.monotonic() - started
+
+    def _pop_single(self) -> Job | None:
+        with self._cond:
+            if self._stopping:
+                return None
+            for job in self._queue:
+                if job.kind not in self._batch_rules:
+                    self._queue.remove(job)
+                    self._active = [*self._active, job]
+                    return job
+            return None
+
+    def _run_nested(self, job: Job) -> None:
+        try:
+            if job.cancelled:
+                raise Cancelled()
+            job.started_at = time.monotonic()
+            job.finish(self._handlers[job.kind](self.runner, job))
+        except BaseException as exc:  # noqa: BLE001 - reported to that job's request only
+            job.finish(error=_as_client_error(exc, self.name))
+        finally:
+            with self._cond:
+                self._active = [j for j in self._active if j is not job]
 
 
 def _as_client_error(exc: BaseException, name: str) -> BaseException:

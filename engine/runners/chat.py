@@ -35,34 +35,21 @@ from mlx_lm.utils import load as lm_load
 from mlx_vlm.generate import generate_step
 from mlx_vlm.utils import load as vlm_load
 
+from engine.runners.chat_types import (  # noqa: F401 - re-exported
+    JSON_OPTIONS,
+    ChatParams,
+    ChatStep,
+    Constraint,
+    PromptTooLongError,
+    StopMatcher,
+)
+
 REPLACEMENT_CHAR = "\ufffd"
 TURN_END_TOKEN = "<turn|>"
+THINK_OPEN_TOKEN, THINK_CLOSE_TOKEN = "<|channel>", "<channel|>"
+TOOL_OPEN_TOKEN, TOOL_CLOSE_TOKEN = "<|tool_call>", "<tool_call|>"
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
-
-
-@dataclass(frozen=True)
-class ChatParams:
-    max_tokens: int | None  # None = up to the context length
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int | None
-    stop: tuple[str, ...]  # generation ends there; the stop text is not emitted
-    repetition_penalty: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: int | None = None  # None: off; 0: the chosen token's; n: plus the top n
-
-
-@dataclass
-class ChatStep:
-    text: str  # new decoded text since the previous step (whole characters only)
-    token: int | None
-    finish_reason: str | None  # None until the last step: "stop", "length" or "cancelled"
-    logprob: float | None = None  # only when ChatParams.logprobs is not None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -75,18 +62,6 @@ class PreparedPrompt:
     pixel_values: mx.array | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     n_images: int = 0
-
-
-class PromptTooLongError(ValueError):
-    """The prompt does not fit the context (llama-server: exceed_context_size_error)."""
-
-    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
-        super().__init__(
-            f"the request exceeds the available context size: the prompt has "
-            f"{n_prompt_tokens} tokens and the context holds {n_ctx}"
-        )
-        self.n_prompt_tokens = n_prompt_tokens
-        self.n_ctx = n_ctx
 
 
 class ChatRunner:
@@ -112,6 +87,7 @@ class ChatRunner:
         self.image_token_id = self.config.get("image_token_id")
         self._detokenizer_class = _detokenizer_class(model_dir)
         self._detokenizer = self._detokenizer_class(self.tokenizer)
+        self._llg_tokenizer: Any = None
         self._silent_ids = frozenset(
             i for i in (self.tokenizer.bos_token_id, self.tokenizer.pad_token_id) if i is not None
         )
@@ -241,8 +217,9 @@ class ChatRunner:
     def _token_stream(
         self, prompt: PreparedPrompt, params: ChatParams, limit: int
     ) -> Iterator[tuple[int, mx.array]]:
+        extra = self._constraints(params)
         if not self.accepts_images:
-            processors = make_logits_processors(**_penalties(params))
+            processors = make_logits_processors(**_penalties(params)) + extra
             return lm_generate_step(
                 prompt.input_ids[0],
                 self.model,
@@ -257,9 +234,47 @@ class ChatRunner:
             None,
             max_tokens=limit,
             sampler=_sampler(params),
+            logits_processors=extra or None,
             **_penalties(params),
             **prompt.model_kwargs,
         )
+
+    def _constraints(self, params: ChatParams) -> list[Callable[[mx.array, mx.array], mx.array]]:
+        fmt = params.constraint
+        if fmt is None:
+            return []
+        return [
+            AnswerConstraint(
+                self._llg_matcher(fmt),
+                think_open=self._token_id(THINK_OPEN_TOKEN) if fmt.after_thinking else None,
+                think_close=self._token_id(THINK_CLOSE_TOKEN),
+                eos_ids=self.eos_token_ids,
+            )
+        ]
+
+    def _llg_matcher(self, fmt: Constraint) -> Any:
+        import llguidance
+        import llguidance.hf
+
+        if self._llg_tokenizer is None:
+            self._llg_tokenizer = llguidance.hf.from_tokenizer(
+                self.tokenizer, eos_token=sorted(self.eos_token_ids)
+            )
+        if fmt.tools:
+            marks = (self._token_id(TOOL_OPEN_TOKEN), self._token_id(TOOL_CLOSE_TOKEN))
+            if None in marks:
+                raise ValueError("this model has no tool-call tokens")
+            grammar = tool_call_grammar(fmt.tools, *marks)
+        else:
+            grammar = json_grammar(fmt.json_schema)
+        matcher = llguidance.LLMatcher(self._llg_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise ValueError(f"the response format cannot be enforced: {matcher.get_error()}")
+        return matcher
+
+    def _token_id(self, token: str) -> int | None:
+        found = self.tokenizer.convert_tokens_to_ids(token)
+        return found if isinstance(found, int) and found != self.tokenizer.unk_token_id else None
 
     def _token_limit(self, prompt: PreparedPrompt, params: ChatParams) -> int:
         room = self.context_length - prompt.n_tokens
@@ -304,36 +319,83 @@ class ChatRunner:
         return detok
 
 
-class StopMatcher:
-    """Cuts the stream at the first stop string, holding back a possible stop prefix."""
+def json_grammar(schema: str | None) -> str:
+    """The llguidance grammar of a JSON schema (None: any JSON object); pure, no MLX."""
+    import llguidance
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = tuple(s for s in stops if s)
-        self.pending = ""
+    text = schema if schema is not None else '{"type": "object"}'
+    return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
 
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was found)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = self._held_length()
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+def tool_call_grammar(tools: tuple[tuple[str, str], ...], open_id: int, close_id: int) -> str:
+    """A Lark grammar for one ``<|tool_call>call:NAME{json args}<tool_call|>``."""
+    import llguidance
 
-    def _held_length(self) -> int:
-        longest = max((len(s) for s in self.stops), default=1)
-        for k in range(min(len(self.pending), longest - 1), 0, -1):
-            tail = self.pending[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
+    def call(name: str, schema: str) -> str:
+        body = json.loads(schema) if schema else {}
+        body = body if isinstance(body, dict) and body else {"type": "object"}
+        body = {**body, "x-guidance": JSON_OPTIONS}
+        return f"{json.dumps(name)} %json {json.dumps(body)}"
+
+    choices = " | ".join(call(name, schema) for name, schema in tools)
+    lark = f'start: <[{open_id}]> "call:" ({choices}) <[{close_id}]>\n'
+    return llguidance.LLMatcher.grammar_from_lark(lark)
+
+
+class AnswerConstraint:
+    """A logits processor that keeps the answer inside an llguidance grammar.
+
+    Called once per generated token, before sampling; the token sampled last is the last
+    entry of ``tokens`` from the second call on. With ``think_open`` set, the model may first
+    write a whole ``<|channel>...<channel|>`` block unconstrained; the grammar applies after.
+    """
+
+    def __init__(
+        self,
+        matcher: Any,
+        *,
+        think_open: int | None,
+        think_close: int | None,
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.matcher = matcher
+        self.think_open, self.think_close = think_open, think_close
+        self.eos_ids = sorted(eos_ids)
+        self.state = "start"  # -> "thinking" -> "answer", or "start" -> "answer"
+        self.calls = 0
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self.calls:
+            self._consume(int(tokens.reshape(-1)[-1].item()))
+        self.calls += 1
+        if self.state == "thinking":
+            return logits
+        allowed = self._allowed(logits.shape[-1])
+        if self.state == "start" and self.think_open is not None:
+            allowed[self.think_open] = True
+        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
+
+    def _consume(self, token: int) -> None:
+        if self.state == "start" and token == self.think_open:
+            self.state = "thinking"
+        elif self.state == "thinking":
+            if token == self.think_close:
+                self.state = "answer"
+        else:
+            self.state = "answer"
+            self.matcher.consume_token(token)
+
+    def _allowed(self, width: int) -> Any:
+        import numpy as np
+
+        allowed = np.zeros(width, dtype=bool)
+        if self.matcher.is_error() or self.matcher.is_stopped():
+            allowed[[i for i in self.eos_ids if i < width]] = True
+            return allowed
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        mask = np.unpackbits(bits, bitorder="little").astype(bool)[:width]
+        allowed[: mask.shape[0]] = mask
+        return allowed
 
 
 # ------------------------------------------------------------------ helpers
