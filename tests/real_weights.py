@@ -135,3 +135,21 @@ def whisper_base_ct2_dir() -> Path:
         pytest.fail(f"assembled Whisper base model.bin has the wrong size in {target}")
     partial.replace(model_bin)
     return target
+
+
+def gemma3_270m_mlx() -> Path:
+    """Gemma 3 270M converted once through conversions/ (float32) into the test cache."""
+    from conversions import gemma
+
+    dest = _gemma_cache_dir() / f"gemma3-270m-f32-mlx-v{gemma.CONVERTER_VERSION}"
+    if (dest / "config.json").is_file():
+        return dest
+    source = gemma3_270m_gguf()
+    partial = dest.with_name(dest.name + ".partial")
+    if partial.exists():
+        import shutil
+
+        shutil.rmtree(partial)
+    gemma.convert(source, partial, quantization=None, dtype="float32")
+    partial.rename(dest)
+    return dest

@@ -1,16 +1,19 @@
-"""Chat service (port 8080): OpenAI `POST /v1/chat/completions`."""
+"""Chat service (port 8080): OpenAI `POST /v1/chat/completions`.
+
+The handler validates the body (engine.routes.chat_request), queues one job and reads its
+events: `Started` once the prompt is rendered and fits, then one `Piece` per decoded token.
+Both the streamed and the non-streamed reply run those pieces through the same OutputParser
+(engine.routes.chat_output), which splits thinking, content and tool calls.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sanic import Blueprint, HTTPResponse, Request
@@ -20,238 +23,84 @@ from conversions.store import ModelInfo
 from engine import __version__
 from engine.config import Config
 from engine.errors import ApiError, InvalidRequest
+from engine.routes.chat_output import THINK_CLOSE, THINK_OPEN, Delta, OutputParser, ToolCall
+from engine.routes.chat_request import (
+    ChatRequest,
+    build_constraint,
+    check_n,
+    decode_image,
+    parse_logprobs,
+    parse_max_tokens,
+    parse_messages,
+    parse_response_format,
+    parse_sampling,
+    parse_stop,
+    parse_thinking,
+    parse_tool_choice,
+    parse_tools,
+)
 from engine.scheduler import Job
 from engine.server import ServiceSpec, resolve_requested_model
-from engine.validation import (
-    optional_bool,
-    optional_number,
-    optional_object,
-    parse_json_body,
-    required,
-    wrong_type,
-)
+from engine.validation import optional_bool, optional_object, parse_json_body, required
 
 bp = Blueprint("chat")
 log = logging.getLogger("mlxd.chat")
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
-IMAGE_TYPES = ("JPEG", "PNG", "WEBP", "GIF")
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_STOP = 16
 KEEPALIVE_S = 5.0
 FINGERPRINT = f"mlxd-{__version__}"
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    messages: list[dict[str, Any]]
-    images: list[Any]
-    sampling: dict[str, Any]  # only what the client set; the model thread adds the defaults
-    max_tokens: int | None
-    stop: tuple[str, ...]
-    enable_thinking: bool | None
-    tools: list[dict[str, Any]] | None
+MIN_LOGPROB = -9999.0  # what OpenAI reports for tokens a mask made impossible (JSON has no -inf)
 
 
 @dataclass(frozen=True)
 class Started:
     prompt_tokens: int
+    reasoning_open: bool = False  # the rendered prompt ends inside a thought channel
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    token: int | None
+    logprob: dict[str, Any] | None = None
 
 
 @dataclass
 class ChatOutcome:
-    text: str = ""
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- parsing -----------------------------------------------------------------------------
 
 
-def parse_messages(value: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Validated messages, and the image URLs in order of appearance."""
-    if not isinstance(value, list):
-        raise wrong_type("messages", "an array", value)
-    if not value:
-        raise InvalidRequest("'messages' must not be empty", param="messages")
-    urls: list[str] = []
-    return [_message(m, i, urls) for i, m in enumerate(value)], urls
-
-
-def _message(message: Any, index: int, urls: list[str]) -> dict[str, Any]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise wrong_type(where, "an object", message)
-    role = message.get("role")
-    if role not in ROLES:
-        raise InvalidRequest(
-            f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{where}.role"
-        )
-    content = message.get("content")
-    if content is None and role != "assistant":
-        raise InvalidRequest(f"{where}.content is required", param=f"{where}.content")
-    if isinstance(content, list):
-        content = [_part(part, f"{where}.content[{i}]", urls) for i, part in enumerate(content)]
-    elif content is not None and not isinstance(content, str):
-        raise wrong_type(f"{where}.content", "a string or an array of parts", content)
-    out = {**message, "role": "system" if role == "developer" else role, "content": content}
-    reasoning = message.get("reasoning_content", message.get("reasoning"))
-    if reasoning is not None and not isinstance(reasoning, str):
-        raise wrong_type(f"{where}.reasoning_content", "a string", reasoning)
-    return out
-
-
-def _part(part: Any, where: str, urls: list[str]) -> dict[str, Any]:
-    if not isinstance(part, dict):
-        raise wrong_type(where, "an object", part)
-    kind = part.get("type")
-    if kind == "text":
-        if not isinstance(part.get("text"), str):
-            raise wrong_type(f"{where}.text", "a string", part.get("text"))
-        return {"type": "text", "text": part["text"]}
-    if kind in ("image_url", "input_image"):
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        if not isinstance(url, str):
-            raise wrong_type(f"{where}.image_url.url", "a string", url)
-        urls.append(url)
-        return {"type": "image"}
-    raise InvalidRequest(
-        f"{where}.type must be 'text' or 'image_url'; got {kind!r}", param=f"{where}.type"
-    )
-
-
-def decode_image(url: str, index: int) -> Any:
-    """A data: URL to an RGB PIL image; everything else is a clear 400."""
-    from PIL import Image, UnidentifiedImageError
-
-    param = f"image[{index}]"
-    if url.startswith(("http://", "https://")):
-        raise InvalidRequest(
-            "Image URLs are not fetched (no network access at serve time): "
-            "send the image inline as a base64 data: URL",
-            param=param,
-            code="image_url_not_allowed",
-        )
-    header, _, data = url.partition(",")
-    if not header.startswith("data:") or ";base64" not in header:
-        raise InvalidRequest(
-            "Images must be base64 data: URLs (data:image/png;base64,...)", param=param
-        )
-    try:
-        raw = base64.b64decode(data, validate=False)
-        with Image.open(io.BytesIO(raw)) as probe:
-            kind, (width, height) = probe.format, probe.size
-        if kind not in IMAGE_TYPES:
-            raise InvalidRequest(
-                f"Unsupported image type {kind}: send JPEG, PNG, WebP or GIF", param=param
-            )
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InvalidRequest(
-                f"Image is {width}x{height}, over the limit of {MAX_IMAGE_PIXELS} pixels",
-                param=param,
-            )
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as exc:
-        if isinstance(exc, ApiError):
-            raise
-        raise InvalidRequest(f"Image could not be decoded: {exc}", param=param) from None
-
-
-def parse_stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise wrong_type("stop", "a string or an array of strings", value)
-    if len(items) > MAX_STOP:
-        raise InvalidRequest(f"'stop' has {len(items)} entries; the limit is {MAX_STOP}")
-    return tuple(s for s in items if s)
-
-
-def parse_sampling(body: dict[str, Any]) -> dict[str, Any]:
-    values = {
-        "temperature": optional_number(body, "temperature", minimum=0, maximum=2),
-        "top_p": optional_number(body, "top_p", minimum=0, maximum=1, exclusive_minimum=True),
-        "top_k": optional_number(body, "top_k", minimum=0, integer=True),
-        "min_p": optional_number(body, "min_p", minimum=0, maximum=1),
-        "seed": optional_number(body, "seed", integer=True),
-        "presence_penalty": optional_number(body, "presence_penalty", minimum=-2, maximum=2),
-        "frequency_penalty": optional_number(body, "frequency_penalty", minimum=-2, maximum=2),
-        "repetition_penalty": optional_number(
-            body, "repetition_penalty", minimum=0, exclusive_minimum=True, maximum=10
-        ),
-    }
-    return {k: v for k, v in values.items() if v is not None}
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    a = optional_number(body, "max_completion_tokens", minimum=1, integer=True)
-    b = optional_number(body, "max_tokens", minimum=1, integer=True)
-    return a if a is not None else b
-
-
-def _thinking(body: dict[str, Any]) -> bool | None:
-    kwargs = optional_object(body, "chat_template_kwargs")
-    if "enable_thinking" in kwargs:
-        if not isinstance(kwargs["enable_thinking"], bool):
-            raise wrong_type(
-                "chat_template_kwargs.enable_thinking", "a boolean", kwargs["enable_thinking"]
-            )
-        return kwargs["enable_thinking"]
-    effort = body.get("reasoning_effort")
-    if effort is None:
-        return None
-    if effort not in ("none", "minimal", "low", "medium", "high"):
-        raise InvalidRequest(
-            "'reasoning_effort' must be none, minimal, low, medium or high",
-            param="reasoning_effort",
-        )
-    return effort != "none"
-
-
-def _check_unsupported(body: dict[str, Any]) -> None:
-    n = optional_number(body, "n", minimum=1, integer=True)
-    if n not in (None, 1):
-        raise InvalidRequest("Only n=1 is supported", param="n", code="unsupported_value")
-    if optional_bool(body, "logprobs"):
-        raise InvalidRequest("logprobs are not supported yet", param="logprobs")
-    fmt = optional_object(body, "response_format")
-    if fmt and fmt.get("type") not in (None, "text"):
-        raise InvalidRequest(
-            f"response_format type {fmt.get('type')!r} is not supported yet",
-            param="response_format",
-        )
-
-
-def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
-    tools = body.get("tools")
-    if tools is None:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise wrong_type("tools", "an array of objects", tools)
-    return tools or None
-
-
 async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
-    messages, urls = parse_messages(required(body, "messages"))
-    _check_unsupported(body)
-    loop = asyncio.get_running_loop()
-    images = [await loop.run_in_executor(None, decode_image, u, i) for i, u in enumerate(urls)]
-    return ChatRequest(
+    messages, refs = parse_messages(required(body, "messages"))
+    check_n(body)
+    tools = parse_tools(body)
+    choice = parse_tool_choice(body, tools)
+    thinking = parse_thinking(body)
+    constraint = build_constraint(parse_response_format(body), tools, choice, thinking)
+    chat = ChatRequest(
         messages=messages,
-        images=images,
+        images=[],
         sampling=parse_sampling(body),
-        max_tokens=_max_tokens(body),
+        max_tokens=parse_max_tokens(body),
         stop=parse_stop(body.get("stop")),
-        enable_thinking=_thinking(body),
-        tools=_tools(body),
+        enable_thinking=thinking,
+        tools=tools if tools and choice != "none" else None,
+        parse_tools=bool(tools) and choice != "none",
+        constraint=constraint,
+        logprobs=parse_logprobs(body),
+        image_refs=refs,
     )
+    allow = request.app.ctx.config.chat_allow_image_urls
+    loop = asyncio.get_running_loop()
+    for ref in refs:
+        chat.images.append(await loop.run_in_executor(None, decode_image, ref, allow))
+    return chat
 
 
 # ---- handlers ----------------------------------------------------------------------------
@@ -268,13 +117,15 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     job = request.app.ctx.worker.submit("chat", chat, stream=True)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     events = job.stream()
-    await _first_event(job, events)  # errors found before generation are plain JSON
+    started: Started = await _first_event(job, events)  # errors before generation: plain JSON
+    reply = Reply(chat, started)
     if stream:
-        await _stream(request, job, events, meta, include_usage)
+        await _stream(request, job, events, meta, reply, include_usage)
         return None
-    async for _ in events:
-        pass
-    return json_response(completion_body(await job.result(), meta))
+    async for piece in events:
+        reply.add(piece)
+    reply.finish()
+    return json_response(completion_body(await job.result(), reply, meta))
 
 
 async def _first_event(job: Job, events: Any) -> Any:
@@ -285,7 +136,66 @@ async def _first_event(job: Job, events: Any) -> Any:
         raise InvalidRequest("The request ended before generation started") from None
 
 
-async def _stream(request: Request, job: Job, events: Any, meta: dict, include_usage: bool) -> None:
+class Reply:
+    """The assistant message as it builds up, piece by piece."""
+
+    def __init__(self, chat: ChatRequest, started: Started) -> None:
+        self.parser = OutputParser(reasoning=started.reasoning_open, tools=chat.parse_tools)
+        self.message = Delta()
+        self.reasoning_tokens = 0
+        self.logprobs: list[dict[str, Any]] | None = [] if chat.logprobs is not None else None
+        self.unsent_logprobs: list[dict[str, Any]] = []
+
+    def add(self, piece: Piece) -> Delta:
+        was_reasoning = self.parser.mode == "reasoning"
+        delta = self.parser.feed(piece.text)
+        if piece.token is not None and (
+            was_reasoning or self.parser.mode == "reasoning" or delta.reasoning
+        ):
+            self.reasoning_tokens += 1
+        if piece.logprob is not None and self.logprobs is not None:
+            self.logprobs.append(piece.logprob)
+            self.unsent_logprobs.append(piece.logprob)
+        self.message.extend(delta)
+        return delta
+
+    def finish(self) -> Delta:
+        delta = self.parser.finish()
+        self.message.extend(delta)
+        return delta
+
+    def take_logprobs(self) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        out, self.unsent_logprobs = self.unsent_logprobs, []
+        return {"content": out}
+
+    def finish_reason(self, outcome: ChatOutcome) -> str:
+        if self.message.tool_calls and outcome.finish_reason == "stop":
+            return "tool_calls"
+        return outcome.finish_reason
+
+    def as_message(self) -> dict[str, Any]:
+        calls = self.message.tool_calls
+        content = self.message.content
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if calls and not content else content,
+        }
+        if self.message.reasoning:
+            message["reasoning_content"] = self.message.reasoning
+            message["reasoning"] = self.message.reasoning
+        if calls:
+            message["tool_calls"] = [c.as_dict() for c in calls]
+        return message
+
+
+# ---- streaming ---------------------------------------------------------------------------
+
+
+async def _stream(
+    request: Request, job: Job, events: Any, meta: dict, reply: Reply, include_usage: bool
+) -> None:
     response = await request.respond(
         content_type="text/event-stream", headers={"cache-control": "no-cache"}
     )
@@ -296,12 +206,12 @@ async def _stream(request: Request, job: Job, events: Any, meta: dict, include_u
             pending = asyncio.ensure_future(anext(events, None))
             while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                 await response.send(": keepalive\n\n")
-            step = pending.result()
-            if step is None:
+            piece = pending.result()
+            if piece is None:
                 break
-            if step.text:
-                await response.send(_sse(chunk(meta, {"content": step.text})))
-        await _stream_end(response, job, meta, include_usage)
+            await _send_delta(response, meta, reply, reply.add(piece))
+        await _send_delta(response, meta, reply, reply.finish())
+        await _stream_end(response, job, meta, reply, include_usage)
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
@@ -309,23 +219,46 @@ async def _stream(request: Request, job: Job, events: Any, meta: dict, include_u
             job.cancel()
 
 
-async def _stream_end(response: Any, job: Job, meta: dict, include_usage: bool) -> None:
+async def _send_delta(response: Any, meta: dict, reply: Reply, delta: Delta) -> None:
+    for payload in delta_payloads(delta, reply):
+        await response.send(_sse(chunk(meta, payload, logprobs=reply.take_logprobs())))
+
+
+def delta_payloads(delta: Delta, reply: Reply) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    if delta.reasoning:
+        out.append({"reasoning_content": delta.reasoning, "reasoning": delta.reasoning})
+    if delta.content:
+        out.append({"content": delta.content})
+    first = len(reply.message.tool_calls) - len(delta.tool_calls)
+    for i, call in enumerate(delta.tool_calls):
+        out.append({"tool_calls": [call.as_dict(index=first + i)]})
+    return out
+
+
+async def _stream_end(
+    response: Any, job: Job, meta: dict, reply: Reply, include_usage: bool
+) -> None:
     try:
         outcome: ChatOutcome = await job.result()
     except ApiError as exc:
         await response.send(_sse(exc.body()))
         await response.eof()
         return
-    await response.send(_sse(chunk(meta, {}, outcome.finish_reason)))
+    last = chunk(meta, {}, reply.finish_reason(outcome), logprobs=reply.take_logprobs())
+    await response.send(_sse(last))
     if include_usage:
         envelope = _envelope(meta, "chat.completion.chunk")
-        await response.send(_sse({**envelope, "choices": [], "usage": usage(outcome)}))
+        await response.send(_sse({**envelope, "choices": [], "usage": usage(outcome, reply)}))
     await response.send("data: [DONE]\n\n")
     await response.eof()
 
 
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# ---- response bodies ---------------------------------------------------------------------
 
 
 def _envelope(meta: dict, kind: str) -> dict[str, Any]:
@@ -338,31 +271,40 @@ def _envelope(meta: dict, kind: str) -> dict[str, Any]:
     }
 
 
-def chunk(meta: dict, delta: dict, finish_reason: str | None = None) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chunk(
+    meta: dict,
+    delta: dict,
+    finish_reason: str | None = None,
+    *,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_envelope(meta, "chat.completion.chunk"), "choices": [choice]}
 
 
-def usage(outcome: ChatOutcome) -> dict[str, Any]:
+def usage(outcome: ChatOutcome, reply: Reply) -> dict[str, Any]:
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": min(reply.reasoning_tokens, outcome.completion_tokens)
+        },
     }
 
 
-def completion_body(outcome: ChatOutcome, meta: dict) -> dict[str, Any]:
-    message = {"role": "assistant", "content": outcome.text}
+def completion_body(outcome: ChatOutcome, reply: Reply, meta: dict) -> dict[str, Any]:
     choice = {
         "index": 0,
-        "message": message,
-        "logprobs": None,
-        "finish_reason": outcome.finish_reason,
+        "message": reply.as_message(),
+        "logprobs": None if reply.logprobs is None else {"content": reply.logprobs},
+        "finish_reason": reply.finish_reason(outcome),
     }
     return {
         **_envelope(meta, "chat.completion"),
         "choices": [choice],
-        "usage": usage(outcome),
+        "usage": usage(outcome, reply),
         "timings": timings(outcome),
     }
 
@@ -393,8 +335,13 @@ def _context_error(n_prompt: int, n_ctx: int) -> InvalidRequest:
     )
 
 
+def opens_reasoning(prompt_text: str) -> bool:
+    """Whether the rendered prompt leaves a thought channel open for the model to fill."""
+    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+
+
 def chat_job(runner: Any, job: Job) -> ChatOutcome:
-    from engine.runners.chat import ChatParams, PromptTooLongError
+    from engine.runners.chat_types import PromptTooLongError
 
     request: ChatRequest = job.payload
     try:
@@ -411,9 +358,16 @@ def chat_job(runner: Any, job: Job) -> ChatOutcome:
     context = runner.context_length
     if prompt.n_tokens >= context:
         raise _context_error(prompt.n_tokens, context)
-    room = context - prompt.n_tokens
+    params = _params(runner, request, context - prompt.n_tokens)
+    job.emit(Started(prompt.n_tokens, opens_reasoning(prompt.text)))
+    return _decode(runner, job, prompt, params)
+
+
+def _params(runner: Any, request: ChatRequest, room: int) -> Any:
+    from engine.runners.chat_types import ChatParams
+
     sampling = {**runner.generation_defaults(), **request.sampling}
-    params = ChatParams(
+    return ChatParams(
         max_tokens=min(request.max_tokens or room, room),
         temperature=sampling.get("temperature", 1.0),
         top_p=sampling.get("top_p", 1.0),
@@ -424,35 +378,52 @@ def chat_job(runner: Any, job: Job) -> ChatOutcome:
         repetition_penalty=sampling.get("repetition_penalty"),
         presence_penalty=sampling.get("presence_penalty", 0.0),
         frequency_penalty=sampling.get("frequency_penalty", 0.0),
+        logprobs=request.logprobs,
+        constraint=request.constraint,
     )
-    job.emit(Started(prompt.n_tokens))
-    return _decode(runner, job, prompt, params)
 
 
 def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> ChatOutcome:
     outcome = ChatOutcome(prompt_tokens=prompt.n_tokens)
     started = time.perf_counter()
     first_token_at = None
-    parts: list[str] = []
-    for step in runner.generate(prompt, params, lambda: job.cancelled):
-        if first_token_at is None:
-            first_token_at = time.perf_counter()
-        if step.token is not None:
-            outcome.completion_tokens += 1
-        if step.text:
-            parts.append(step.text)
-            job.emit(step)
-        if step.finish_reason is not None:
-            outcome.finish_reason = step.finish_reason
+    try:
+        for step in runner.generate(prompt, params, lambda: job.cancelled):
+            first_token_at = first_token_at or time.perf_counter()
+            _emit_step(runner, job, params, step, outcome)
+    except ValueError as exc:  # e.g. a response format this tokenizer cannot enforce
+        raise InvalidRequest(f"Generation failed: {exc}", param="response_format") from None
     if job.cancelled:
         log.info("chat: generation cancelled after %d tokens", outcome.completion_tokens)
-        job.check()
     finished = time.perf_counter()
     first_token_at = first_token_at or finished
-    outcome.text = "".join(parts)
     outcome.prompt_ms = (first_token_at - started) * 1000
     outcome.predicted_ms = (finished - first_token_at) * 1000
     return outcome
+
+
+def _emit_step(runner: Any, job: Job, params: Any, step: Any, outcome: ChatOutcome) -> None:
+    if step.token is not None:
+        outcome.completion_tokens += 1
+    if step.finish_reason is not None:
+        outcome.finish_reason = step.finish_reason
+    entry = None
+    hidden = getattr(runner, "eos_token_ids", ())
+    if params.logprobs is not None and step.token is not None and step.token not in hidden:
+        entry = _logprob_entry(runner, step)
+    if step.text or step.token is not None:
+        job.emit(Piece(step.text, step.token, entry))
+
+
+def _logprob_entry(runner: Any, step: Any) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text = runner.decode_token(token)
+        value = max(float(logprob), MIN_LOGPROB)
+        return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+    entry = item(step.token, step.logprob if step.logprob is not None else 0.0)
+    entry["top_logprobs"] = [item(t, lp) for t, lp in step.top_logprobs]
+    return entry
 
 
 def load(model: ModelInfo, config: Config) -> Any:
@@ -462,3 +433,6 @@ def load(model: ModelInfo, config: Config) -> Any:
 
 
 SPEC = ServiceSpec(name="chat", blueprint=bp, load=load, handlers={"chat": chat_job})
+
+
+__all__ = ["SPEC", "ChatOutcome", "Piece", "Reply", "Started", "ToolCall", "chat_job"]

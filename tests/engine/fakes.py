@@ -52,14 +52,36 @@ class FakeStep:
     text: str
     token: int | None
     finish_reason: str | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+DEFAULT_WORDS = ("Hello", " world", ",", " this", " is", " fake", ".") * 10
 
 
 class FakeChat:
+    """Plays back ``script`` (one string per token) as the real runner would decode it.
+
+    Honours max_tokens, stop strings (cut, not emitted), cancellation and logprobs, and records
+    what it was asked for in ``calls``. With ``eos`` an end-of-turn token follows the script.
+    """
+
     model_id = "fake-gemma"
     context_length = 64
+    eos_token_ids = frozenset({1})
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        gate: threading.Event | None = None,
+        script: tuple[str, ...] = DEFAULT_WORDS,
+        eos: bool = False,
+        prompt_suffix: str = "",
+    ) -> None:
         self.gate = gate
+        self.script = tuple(script)
+        self.eos = eos
+        self.prompt_suffix = prompt_suffix
+        self.calls: list[dict[str, Any]] = []
 
     def generation_defaults(self) -> dict[str, Any]:
         return {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
@@ -70,18 +92,38 @@ class FakeChat:
             for m in messages
             if m["content"]
         )
-        return FakePrompt(text, len(text.split()) + 2 * len(images))
+        self.calls.append(
+            {"messages": messages, "images": images, "thinking": enable_thinking, "tools": tools}
+        )
+        return FakePrompt(text + self.prompt_suffix, len(text.split()) + 2 * len(images))
+
+    def decode_token(self, token: int) -> str:
+        return self.script[token - 100] if 0 <= token - 100 < len(self.script) else f"<{token}>"
 
     def generate(self, prompt, params, is_cancelled):
-        words = ["Hello", " world", ",", " this", " is", " fake", "."] * 10
-        for i, word in enumerate(words[: params.max_tokens]):
+        from engine.runners.chat_types import StopMatcher
+
+        self.calls[-1]["params"] = params
+        stops = StopMatcher(params.stop)
+        words = self.script[: params.max_tokens]
+        cut = len(words) < len(self.script) or (self.eos and len(words) == params.max_tokens)
+        for i, word in enumerate(words):
             if self.gate is not None:
                 self.gate.wait(5)
             if is_cancelled():
                 yield FakeStep("", None, "cancelled")
                 return
-            last = i == min(params.max_tokens, len(words)) - 1
-            yield FakeStep(word, i, ("length" if last else None))
+            text, stopped = stops.feed(word)
+            extra = {}
+            if params.logprobs is not None:
+                extra = {"logprob": -0.5, "top_logprobs": ((100 + i, -0.5), (7, -1.5))}
+            last = i == len(words) - 1
+            if stopped or (last and (cut or not self.eos)):
+                reason = "stop" if stopped or not cut else "length"
+                yield FakeStep(text + ("" if stopped else stops.flush()), 100 + i, reason, **extra)
+                return
+            yield FakeStep(text, 100 + i, None, **extra)
+        yield FakeStep(stops.flush(), 1, "stop")
 
 
 class FakeSpeech:

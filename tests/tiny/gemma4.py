@@ -495,3 +495,31 @@ def build_gemma4_mlx(dest: Path, *, quantize: bool = False) -> Path:
             dtype="float32",
         )
     return dest
+
+
+def swap_token_ids(model_dir: Path, dest: Path, swaps: dict[int, str]) -> Path:
+    """Copy ``model_dir`` with token ids re-assigned in its tokenizer: id -> ``swaps[id]``.
+
+    The id of each named token and the given id trade strings. The model's weights and every
+    prompt that contains neither string tokenize exactly as before, so the model generates the
+    same ids; they now decode as the named tokens (e.g. Gemma 4's thinking markers), which lets
+    a random model "write" control tokens at chosen places.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(model_dir, dest)
+    data = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab: dict[str, int] = data["model"]["vocab"]
+    by_id = {i: tok for tok, i in vocab.items()}
+    for token_id, name in swaps.items():
+        other_id, old_name = vocab[name], by_id[token_id]
+        vocab[name], vocab[old_name] = token_id, other_id
+        by_id[token_id], by_id[other_id] = name, old_name
+        for added in data["added_tokens"]:
+            if added["content"] == name:
+                added["id"] = token_id
+            elif added["id"] == token_id:
+                added["id"] = other_id
+    (dest / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return dest

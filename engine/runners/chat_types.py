@@ -1,0 +1,96 @@
+"""Plain data the chat route and the chat runner exchange (no MLX: cheap to import)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# llguidance JSON options: compact separators, no free whitespace (a model cannot pad forever).
+JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "lenient": True,
+}
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Constrained decoding of the answer (llguidance), built into a grammar by the runner.
+
+    ``tools`` non-empty: the answer is one Gemma 4 tool call to one of these (name, JSON text
+    of its parameters schema). Otherwise the answer is JSON matching ``json_schema`` (JSON
+    text; None: any JSON object).
+    """
+
+    json_schema: str | None = None
+    tools: tuple[tuple[str, str], ...] = ()
+    after_thinking: bool = False  # let a leading <|channel>...<channel|> block through first
+
+
+@dataclass(frozen=True)
+class ChatParams:
+    max_tokens: int | None  # None = up to the context length
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    stop: tuple[str, ...]  # generation ends there; the stop text is not emitted
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; 0: the chosen token's; n: plus the top n
+    constraint: Constraint | None = None
+
+
+@dataclass
+class ChatStep:
+    text: str  # new decoded text since the previous step (whole characters only)
+    token: int | None
+    finish_reason: str | None  # None until the last step: "stop", "length" or "cancelled"
+    logprob: float | None = None  # only when ChatParams.logprobs is not None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+class PromptTooLongError(ValueError):
+    """The prompt does not fit the context (llama-server: exceed_context_size_error)."""
+
+    def __init__(self, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the request exceeds the available context size: the prompt has "
+            f"{n_prompt_tokens} tokens and the context holds {n_ctx}"
+        )
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class StopMatcher:
+    """Cuts the stream at the first stop string, holding back a possible stop prefix."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = self._held_length()
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _held_length(self) -> int:
+        longest = max((len(s) for s in self.stops), default=1)
+        for k in range(min(len(self.pending), longest - 1), 0, -1):
+            tail = self.pending[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
