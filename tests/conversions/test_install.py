@@ -208,3 +208,57 @@ def test_pull_errors(tmp_path: Path) -> None:
     offline = mlxd(home, "pull", "whisper-small", env={"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert offline.returncode == 1
     assert "mlxd convert stt" in offline.stderr and "openai/whisper-small" in offline.stderr
+
+
+def test_disk_full_is_a_clear_error(tmp_path: Path, source: Path, monkeypatch) -> None:
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from conversions.store import ConversionError, ConvertOptions, Store, install
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    options = ConvertOptions(quantization=None, group_size=64, dtype="float16")
+    with pytest.raises(ConversionError, match="not enough disk space"):
+        install(Store(tmp_path), "m", "stt", source, source_info={}, options=options)
+    assert not list((tmp_path / "models").iterdir())
+
+
+def test_converted_real_family_is_served_by_id(tmp_path: Path) -> None:
+    """`mlxd convert` with the real BERT converter, then `mlxd serve --embeddings-model ID`."""
+    from tests.serving import start_server
+    from tests.tiny.bert import build_bge_hf
+
+    hf = build_bge_hf(tmp_path / "hf-bge")
+    home = tmp_path / "home"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "convert",
+            "embeddings",
+            str(hf),
+            "--as",
+            "my-bge",
+            "--dtype",
+            "float32",
+            "--home",
+            str(home),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((home / "models" / "my-bge" / "manifest.json").read_text())
+    assert manifest["pooling"] == "cls" and manifest["converter"]["module"] == "conversions.bert"
+    # start_server uses tmp_path / "home" as the store, where the model was just installed
+    server = start_server(tmp_path, "--embeddings-model", "my-bge", services=("embeddings",))
+    try:
+        server.wait_healthy(timeout=120)
+        response = server.post("embeddings", "/v1/embeddings", json={"input": "你好"})
+        assert response.status_code == 200 and response.json()["model"] == "my-bge"
+    finally:
+        server.stop()
