@@ -275,7 +275,6 @@ class ModelWorker:
                 if not job.future.done():
                     job.finish(error=error)
 
-
     def _run_queued(self) -> float:
         """Run, one by one, the single-job kinds queued when called; nested runs don't recurse."""
         if self._nested:

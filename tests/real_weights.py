@@ -137,6 +137,23 @@ def whisper_base_ct2_dir() -> Path:
     return target
 
 
+def whisper_base_mlx() -> Path:
+    """Whisper base converted once through conversions/ (float32) into the test cache."""
+    import shutil
+
+    from conversions import whisper
+
+    base = Path(os.environ.get("MLXD_TEST_CACHE") or Path.home() / ".cache" / "mlxd-tests")
+    dest = base / f"whisper-base-f32-mlx-v{whisper.CONVERTER_VERSION}"
+    if (dest / "config.json").is_file():
+        return dest
+    partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    whisper.convert(whisper_base_ct2_dir(), partial, dtype="float32")
+    partial.rename(dest)
+    return dest
+
+
 def gemma3_270m_mlx() -> Path:
     """Gemma 3 270M converted once through conversions/ (float32) into the test cache."""
     from conversions import gemma

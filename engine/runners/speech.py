@@ -1,17 +1,28 @@
 """Speech-to-text with mlx-whisper. Runs only on the worker's single model thread.
 
 The model is loaded once from a local directory (never the hub) and handed to
-`mlx_whisper.transcribe` through its process-wide `ModelHolder` cache, wrapped so that the
-cancellation callback is checked before every 30 s window is decoded (and before every
-temperature-fallback retry of a window). A cancelled request raises `Cancelled`.
+`mlx_whisper.transcribe` through its process-wide `ModelHolder` cache, wrapped in `_HookedModel`:
+
+- before every 30 s window is decoded (and before every temperature-fallback retry) it calls the
+  request's `on_window` hook: cancellation, the time limit, and running other queued requests
+  between windows (engine.scheduler.Job.yield_to_queue) all happen there;
+- it encodes each window once: mlx-whisper runs the encoder again for every fallback
+  temperature, for word timestamps and (on long audio) for language detection. Same inputs,
+  same results, fewer encoder passes;
+- it keeps the language probabilities of the detection pass for verbose_json.
+
+`transcribe` is re-entrant: a request run from another one's `on_window` gets its own hooks and
+encoder cache, and the outer request's are restored afterwards.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +33,16 @@ from engine.scheduler import Cancelled
 
 SAMPLE_RATE = 16_000
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-# mlx-whisper 0.4.3 raises NotImplementedError for beam search; decode greedily instead.
+# mlx-whisper 0.4.3 raises NotImplementedError for beam search: decode greedily instead.
 _UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
 
 
 def _never() -> bool:
     return False
+
+
+def _nothing() -> None:
+    return None
 
 
 def _transcribe_module() -> Any:
@@ -52,12 +67,22 @@ def weights_dtype(model_dir: Path) -> mx.Dtype:
     return floats[0] if floats else mx.float32
 
 
-class _CancellableModel:
-    """Delegates to a Whisper model; checks for cancellation before each decode call."""
+@dataclass
+class _Call:
+    """Per-request state of one transcribe call (a stack of them when calls nest)."""
+
+    on_window: Callable[[], None]
+    mel: mx.array | None = None
+    features: mx.array | None = None
+    language_probs: dict[str, float] | None = None
+
+
+class _HookedModel:
+    """Delegates to a Whisper model; hooks each window and encodes each window only once."""
 
     def __init__(self, model: Any) -> None:
         self._model = model
-        self.check: Callable[[], None] = lambda: None
+        self.call: _Call | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -65,29 +90,67 @@ class _CancellableModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._model(*args, **kwargs)
 
+    def _before_window(self) -> None:
+        if self.call is not None:
+            self.call.on_window()
+
+    def _features(self, mel: mx.array) -> mx.array:
+        """Encoder output for one (frames, n_mels) window, reused while the window is the same."""
+        call = self.call
+        if call is None:
+            return self._model.encoder(mel[None])[0]
+        same = call.mel is not None and (
+            call.mel is mel
+            or (call.mel.shape == mel.shape and mx.array_equal(call.mel, mel).item())
+        )
+        if not same:
+            call.mel, call.features = mel, self._model.encoder(mel[None])[0]
+        return call.features
+
     def decode(self, mel: mx.array, options: Any) -> Any:
-        self.check()
-        return self._model.decode(mel, options)
+        self._before_window()
+        if mel.ndim != 2:
+            return self._model.decode(mel, options)
+        return self._model.decode(self._features(mel), options)
 
     def detect_language(self, mel: mx.array, tokenizer: Any = None) -> Any:
-        self.check()
-        return self._model.detect_language(mel, tokenizer)
+        self._before_window()
+        if mel.ndim != 2:
+            return self._model.detect_language(mel, tokenizer)
+        tokens, probs = self._model.detect_language(self._features(mel), tokenizer)
+        if self.call is not None:
+            self.call.language_probs = dict(probs)
+        return tokens, probs
+
+    def forward_with_cross_qk(self, mel: mx.array, tokens: mx.array) -> Any:
+        if mel.ndim == 3 and mel.shape[0] == 1:
+            features = self._features(mel[0])[None]
+        else:
+            features = self._model.encoder(mel)
+        logits, _, cross_qk = self._model.decoder(tokens, features)
+        return logits, cross_qk
 
 
 class SpeechRunner:
-    """A loaded Whisper model; `transcribe` returns mlx_whisper.transcribe's result dict."""
+    """A loaded Whisper model; `transcribe` returns mlx_whisper.transcribe's result dict plus
+    `pieces` per segment (text tokens grouped into valid UTF-8 strings) and, when asked for or
+    detected, `language_probs`."""
 
     def __init__(self, model: Any, model_dir: Path, model_id: str, dtype: mx.Dtype) -> None:
         self.model_id = model_id
         self.model_dir = model_dir
         self.dtype = dtype
         self.fp16 = dtype != mx.float32
-        self._model = _CancellableModel(model)
+        self._model = _HookedModel(model)
         self._key = str(model_dir)
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self._model.is_multilingual)
 
     @classmethod
     def load(cls, model_dir: Path, model_id: str) -> SpeechRunner:
-        """Load once from an existing local directory, then warm up on one second of silence."""
+        """Load once from an existing local directory, then warm up (graphs, DTW compilation)."""
         from mlx_whisper.load_models import load_model
 
         model_dir = Path(model_dir).resolve()
@@ -96,8 +159,32 @@ class SpeechRunner:
         dtype = weights_dtype(model_dir)
         compute = mx.float32 if dtype == mx.float32 else mx.float16
         runner = cls(load_model(str(model_dir), dtype=compute), model_dir, model_id, dtype)
-        runner.transcribe(np.zeros(SAMPLE_RATE, np.float32), language="en", temperature=0.0)
+        runner.warm_up()
         return runner
+
+    def warm_up(self) -> None:
+        """One short decode, and numba's compilation of the word-timestamp alignment (~2 s)."""
+        from mlx_whisper.timing import dtw
+
+        self.transcribe(np.zeros(SAMPLE_RATE, np.float32), language="en", temperature=0.0)
+        dtw(np.zeros((4, 6), np.float32))
+
+    def _mel_window(self, audio: np.ndarray) -> mx.array:
+        """The first 30 s window exactly as mlx_whisper.transcribe builds it."""
+        from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
+
+        mel = log_mel_spectrogram(audio, n_mels=self._model.dims.n_mels, padding=N_SAMPLES)
+        return pad_or_trim(mel, N_FRAMES, axis=-2).astype(mx.float16 if self.fp16 else mx.float32)
+
+    def detect_language(
+        self, audio: np.ndarray, *, on_window: Callable[[], None] = _nothing
+    ) -> dict[str, float]:
+        """Probability of each language code in the first 30 s."""
+        if not self.multilingual:
+            return {"en": 1.0}
+        with self._calling(on_window) as call:
+            self._model.detect_language(self._mel_window(_samples(audio)))
+            return dict(call.language_probs or {})
 
     def transcribe(
         self,
@@ -108,28 +195,29 @@ class SpeechRunner:
         temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
         initial_prompt: str | None = None,
         word_timestamps: bool = False,
+        language_probs: bool = False,
         is_cancelled: Callable[[], bool] = _never,
+        on_window: Callable[[], None] = _nothing,
         **decode_options: Any,
     ) -> dict:
         """Transcribe float32 mono 16 kHz samples; raises Cancelled between windows."""
 
-        def check() -> None:
+        def before_window() -> None:
             if is_cancelled():
                 raise Cancelled("transcription cancelled")
+            on_window()
 
-        check()
+        before_window()
         for name in _UNSUPPORTED_OPTIONS:
             decode_options.pop(name, None)
-        module = _transcribe_module()
-        # Hand our loaded model to mlx-whisper's cache (keyed by path) so it never reloads.
-        module.ModelHolder.model, module.ModelHolder.model_path = self._model, self._key
-        self._model.check = check
-        try:
-            result = module.transcribe(
-                np.ascontiguousarray(audio, dtype=np.float32),
-                path_or_hf_repo=self._key,
-                verbose=None,
-                fp16=self.fp16,
+        if not self.multilingual:
+            language, task = "en", "transcribe"
+        samples = _samples(audio)
+        with self._calling(before_window) as call:
+            if language_probs and language is not None and self.multilingual:
+                self._model.detect_language(self._mel_window(samples))
+            result = self._run(
+                samples,
                 language=language,
                 task=task,
                 temperature=temperature,
@@ -137,9 +225,79 @@ class SpeechRunner:
                 word_timestamps=word_timestamps,
                 **decode_options,
             )
-        finally:
-            self._model.check = lambda: None
-        return _plain(result)
+            probs = call.language_probs
+        if language_probs and probs is None:
+            probs = {result["language"]: 1.0}
+        return self._finish(_plain(result), probs, task)
+
+    def _run(self, samples: np.ndarray, **options: Any) -> dict:
+        module = _transcribe_module()
+        # Hand our loaded model to mlx-whisper's cache (keyed by path) so it never reloads.
+        module.ModelHolder.model, module.ModelHolder.model_path = self._model, self._key
+        return module.transcribe(
+            samples,
+            path_or_hf_repo=self._key,
+            verbose=None,
+            fp16=self.fp16,
+            **options,
+        )
+
+    def _calling(self, on_window: Callable[[], None]) -> _CallScope:
+        return _CallScope(self._model, _Call(on_window))
+
+    def _finish(self, result: dict, probs: dict[str, float] | None, task: str) -> dict:
+        from mlx_whisper.tokenizer import get_tokenizer
+
+        model = self._model
+        tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages, language=None, task=task
+        )
+        for segment in result["segments"]:
+            segment["pieces"] = token_pieces(tokenizer.encoding, segment["tokens"], tokenizer.eot)
+        if probs is not None:
+            result["language_probs"] = {k: float(v) for k, v in probs.items()}
+        return result
+
+
+class _CallScope:
+    """Installs a call's hooks on the model and restores the enclosing call's afterwards."""
+
+    def __init__(self, model: _HookedModel, call: _Call) -> None:
+        self._model, self._call, self._outer = model, call, None
+
+    def __enter__(self) -> _Call:
+        self._outer, self._model.call = self._model.call, self._call
+        return self._call
+
+    def __exit__(self, *exc: object) -> None:
+        self._model.call = self._outer
+
+
+def _samples(audio: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def token_pieces(encoding: Any, tokens: list[int], eot: int) -> list[list[Any]]:
+    """Text tokens grouped so each group is whole UTF-8 text: [[text, [token ids]], ...].
+
+    A CJK character often spans two byte-level tokens; whisper-server counts and splits
+    segments by token bytes, so `max_len` wrapping works on these pieces.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pieces: list[list[Any]] = []
+    text, ids = "", []
+    for token in tokens:
+        if token >= eot:
+            continue
+        text += decoder.decode(encoding.decode_single_token_bytes(token))
+        ids.append(token)
+        if not decoder.getstate()[0]:  # no incomplete character pending
+            pieces.append([text, ids])
+            text, ids = "", []
+    text += decoder.decode(b"", final=True)
+    if ids:
+        pieces.append([text, ids])
+    return pieces
 
 
 def _plain(value: Any) -> Any:

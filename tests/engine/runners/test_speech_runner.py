@@ -26,6 +26,7 @@ SEGMENT_KEYS = {
     "avg_logprob",
     "compression_ratio",
     "no_speech_prob",
+    "pieces",
 }
 
 
