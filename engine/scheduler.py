@@ -46,6 +46,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # set on the model thread when the handler starts
     run_others: Callable[[], float] | None = None  # set by the worker; see yield_to_queue
+    finished: bool = False  # set on the model thread by `finish`
 
     def yield_to_queue(self) -> float:
         """Model thread, between steps of a long job: run the jobs queued now (not batch kinds)
@@ -69,6 +70,7 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.finished = True
         self.loop.call_soon_threadsafe(self._settle, result, error)
 
     def _settle(self, result: Any, error: BaseException | None) -> None:
@@ -149,7 +151,10 @@ class ModelWorker:
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._queue) + len(self._active)
+            return self._pending()
+
+    def _pending(self) -> int:
+        return len(self._queue) + sum(not job.finished for job in self._active)
 
     def ensure_ready(self) -> None:
         if self.state is ModelState.LOADING:
@@ -164,7 +169,7 @@ class ModelWorker:
         with self._cond:
             if self._stopping:
                 raise Unavailable("Server is shutting down", code="shutting_down")
-            if len(self._queue) + len(self._active) >= self.queue_size:
+            if self._pending() >= self.queue_size:
                 raise Unavailable(
                     f"Server busy: {self.queue_size} requests are already queued; retry shortly",
                     code="queue_full",
@@ -233,17 +238,20 @@ class ModelWorker:
                 batch.append(job)
 
     def _take_more(self, kind: str) -> list[Job]:
-        """Queued jobs of `kind`, moved into the running batch (model thread)."""
+        """Queued jobs of `kind`, moved into the running batch (model thread); the batch's
+        finished jobs leave it, so a batch that keeps admitting work does not fill up."""
         rule = self._batch_rules[kind]
         with self._cond:
+            running = [job for job in self._active if not job.finished]
             if self._stopping:
+                self._active = running
                 return []
             taken: list[Job] = []
             for job in list(self._queue):
-                if job.kind == kind and rule.fits(self._active + taken, job):
+                if job.kind == kind and rule.fits(running + taken, job):
                     self._queue.remove(job)
                     taken.append(job)
-            self._active = self._active + taken
+            self._active = running + taken
             return taken
 
     def _run(self, batch: list[Job]) -> None:
@@ -272,7 +280,7 @@ class ModelWorker:
             with self._cond:
                 running = list(self._active)
             for job in running:
-                if not job.future.done():
+                if not job.finished:
                     job.finish(error=error)
 
     def _run_queued(self) -> float:

@@ -145,11 +145,10 @@ def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
 # ---- model-thread side -------------------------------------------------------------------
 
 
-def _tokenize(runner: Any, request: EmbedRequest) -> tuple[list[list[int]], list[int]]:
-    """Token lists for one request, checked against the model's limit and vocabulary."""
-    lists = (
-        request.token_lists if request.token_lists is not None else runner.tokenize(request.texts)
-    )
+def _checked(
+    runner: Any, request: EmbedRequest, lists: list[list[int]]
+) -> tuple[list[list[int]], list[int]]:
+    """One request's token lists, checked against the vocabulary and the model's limit."""
     vocab, limit = runner.vocab_size(), runner.max_tokens
     truncated = []
     for index, tokens in enumerate(lists):
@@ -195,10 +194,18 @@ class _Work:
 
 
 def _start(runner: Any, jobs: list[Job]) -> list[_Work]:
+    """Tokenize the texts of all `jobs` in one call, then check each request on its own."""
+    texts = [text for job in jobs for text in job.payload.texts or []]
+    tokenized = iter(runner.tokenize(texts) if texts else [])
     work = []
     for job in jobs:
+        request: EmbedRequest = job.payload
+        if request.texts is not None:
+            lists = [next(tokenized) for _ in request.texts]
+        else:
+            lists = request.token_lists or []
         try:
-            sequences, truncated = _tokenize(runner, job.payload)
+            sequences, truncated = _checked(runner, request, lists)
         except InvalidRequest as exc:
             job.finish(error=exc)
             continue

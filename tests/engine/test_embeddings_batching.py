@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
 
+from engine.config import Config
 from engine.errors import InvalidRequest
+from engine.routes import embeddings
 from engine.routes.embeddings import EmbedRequest, embed_batch
-from engine.scheduler import Cancelled, Job
+from engine.scheduler import Cancelled, Job, ModelWorker
 from tests.engine.fakes import FakeEmbeddings
 
 
@@ -101,3 +104,36 @@ def test_cancelled_request_is_dropped() -> None:
 def test_every_budget_makes_progress(budget: int) -> None:
     results = run(LongFake(), [texts("abc", "de"), texts("f")], budget=budget)
     assert [r.vectors.shape[0] for r in results] == [2, 1]
+
+
+class SlowFake(FakeEmbeddings):
+    def embed(self, token_lists):
+        time.sleep(0.002)
+        return super().embed(token_lists)
+
+
+def test_a_batch_that_keeps_admitting_work_does_not_fill_the_queue() -> None:
+    """Answered requests leave the running batch: clients that each keep one request in flight
+    never see queue_full, however long the batch goes on admitting their next requests."""
+    config = Config(queue_size=4)
+    worker = ModelWorker(
+        "embeddings", SlowFake, {}, queue_size=4, batch_rules=embeddings._batch_rules(config)
+    )
+
+    async def client(name: str) -> int:
+        for i in range(40):
+            job = worker.submit("embed", texts(f"{name} {i}"))
+            assert (await job.result()).vectors.shape == (1, 8)
+        return 40
+
+    async def main() -> list[int]:
+        worker.start()
+        while worker.runner is None:
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(*(client(str(c)) for c in range(3)))
+
+    try:
+        assert asyncio.run(main()) == [40, 40, 40]
+        assert worker.pending == 0
+    finally:
+        worker.stop(5)
