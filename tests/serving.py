@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,3 +97,18 @@ def start_server(
         start_new_session=True,
     )
     return Server(process, ports, log_path, environment)
+
+
+def serve_one(
+    tmp: Path, service: str, model: Path, *args: str, env=None, timeout: float = 300
+) -> Iterator[Server]:
+    """For a fixture: `service` alone on `model`, healthy; on teardown it must exit 0."""
+    running = start_server(
+        tmp, f"--{service}-model", str(model), *args, services=(service,), env=env
+    )
+    try:
+        running.wait_healthy(timeout=timeout)
+        yield running
+    finally:
+        code = running.stop()
+    assert code == 0, running.log()

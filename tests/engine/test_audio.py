@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import struct
 import subprocess
 import wave
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from engine.audio import AudioError, audio_duration_s, decode_audio, find_ffmpeg, sniff_format
 from tests.conftest import require_tool
+from tests.wav_files import float_wav, int_wav
 
 FREQ = 440.0
 AMP = 0.5
@@ -22,30 +22,6 @@ AMP = 0.5
 def _sine(rate: int, seconds: float, freq: float = FREQ) -> np.ndarray:
     t = np.arange(int(rate * seconds)) / rate
     return AMP * np.sin(2 * np.pi * freq * t)
-
-
-def _int_wav(x: np.ndarray, rate: int, width: int, channels: int = 1) -> bytes:
-    frames = np.repeat(x[:, None], channels, axis=1)
-    if width == 1:  # 8-bit WAV is unsigned
-        raw = np.round(frames * 127 + 128).astype(np.uint8).tobytes()
-    else:
-        scaled = np.round(frames * (2 ** (8 * width - 1) - 1)).astype("<i4")
-        raw = scaled.view(np.uint8).reshape(-1, 4)[:, :width].tobytes()  # low bytes, LE
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(channels)
-        w.setsampwidth(width)
-        w.setframerate(rate)
-        w.writeframes(raw)
-    return buf.getvalue()
-
-
-def _float_wav(x: np.ndarray, rate: int, channels: int = 1) -> bytes:
-    data = np.repeat(x[:, None], channels, axis=1).astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * channels * 4, channels * 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"fact" + struct.pack("<II", 4, len(x)) + b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 def _assert_sine(y: np.ndarray, seconds: float, tol: float) -> None:
@@ -59,13 +35,13 @@ def _assert_sine(y: np.ndarray, seconds: float, tol: float) -> None:
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
 @pytest.mark.parametrize("rate", [8_000, 16_000, 22_050, 44_100, 48_000])
 def test_int_wav_any_depth_and_rate(width: int, rate: int) -> None:
-    y = decode_audio(_int_wav(_sine(rate, 0.5), rate, width), filename="a.wav")
+    y = decode_audio(int_wav(_sine(rate, 0.5), rate, width), filename="a.wav")
     _assert_sine(y, 0.5, tol=0.02 if width == 1 else 2e-3)
 
 
 @pytest.mark.parametrize("rate", [16_000, 44_100])
 def test_float32_wav(rate: int) -> None:
-    _assert_sine(decode_audio(_float_wav(_sine(rate, 0.5), rate)), 0.5, tol=2e-3)
+    _assert_sine(decode_audio(float_wav(_sine(rate, 0.5), rate)), 0.5, tol=2e-3)
 
 
 def test_stereo_is_mixed_down() -> None:
@@ -85,11 +61,11 @@ def test_stereo_is_mixed_down() -> None:
 
 
 def test_stereo_identical_channels() -> None:
-    _assert_sine(decode_audio(_int_wav(_sine(48_000, 0.5), 48_000, 2, channels=2)), 0.5, 2e-3)
+    _assert_sine(decode_audio(int_wav(_sine(48_000, 0.5), 48_000, 2, channels=2)), 0.5, 2e-3)
 
 
 def test_format_is_sniffed_not_taken_from_filename() -> None:
-    wav = _int_wav(_sine(16_000, 0.25), 16_000, 2)
+    wav = int_wav(_sine(16_000, 0.25), 16_000, 2)
     assert sniff_format(wav) == "wav"
     _assert_sine(decode_audio(wav, filename="voice.mp3"), 0.25, 2e-3)
 
@@ -104,7 +80,7 @@ def encoded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     ffmpeg = require_tool("ffmpeg")
     root = tmp_path_factory.mktemp("enc")
     src = root / "src.wav"
-    src.write_bytes(_int_wav(_sine(44_100, 1.0), 44_100, 2, channels=2))
+    src.write_bytes(int_wav(_sine(44_100, 1.0), 44_100, 2, channels=2))
     codecs = {
         "mp3": ["-c:a", "libmp3lame"],
         "flac": ["-c:a", "flac"],
@@ -171,7 +147,7 @@ BAD_INPUTS = {
     "text": (b"this is not audio at all, just some text\n" * 4, "unrecognised"),
     "png": (b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG image"),
     "truncated wav header": (b"RIFF\x24\x00\x00\x00WAVEfmt ", "corrupt"),
-    "zero-length wav": (_int_wav(np.zeros(0), 16_000, 2), "zero length"),
+    "zero-length wav": (int_wav(np.zeros(0), 16_000, 2), "zero length"),
 }
 
 
@@ -183,7 +159,7 @@ def test_bad_input_raises_audio_error(name: str) -> None:
 
 
 def test_garbage_after_wav_header_is_audio_error() -> None:
-    wav = _int_wav(_sine(16_000, 0.1), 16_000, 2)
+    wav = int_wav(_sine(16_000, 0.1), 16_000, 2)
     broken = wav[:20] + b"\xff" * 10 + wav[30:60]
     with pytest.raises(AudioError):
         decode_audio(broken, ffmpeg=None)

@@ -20,7 +20,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.serving import Server, start_server
+from tests.serving import Server, serve_one
 
 PROMPT = [{"role": "user", "content": "Hello"}]
 N_TOKENS = 16
@@ -72,11 +72,7 @@ def marker_model(tiny_gemma4: Path, tmp_path_factory) -> tuple[Path, Script]:
 
 @pytest.fixture(scope="module")
 def server(marker_model, tmp_path_factory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("chat-e2e")
-    running = start_server(tmp, "--chat-model", str(marker_model[0]), services=("chat",))
-    running.wait_healthy(timeout=180)
-    yield running
-    assert running.stop() == 0
+    yield from serve_one(tmp_path_factory.mktemp("chat-e2e"), "chat", marker_model[0])
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,14 @@ import openai
 import pytest
 
 from tests.real_weights import gemma3_270m_mlx
-from tests.serving import Server, start_server
+from tests.serving import Server, serve_one
 
 GREEDY = {"model": "gemma3", "temperature": 0, "max_tokens": 16}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
-    model = gemma3_270m_mlx()
-    tmp = tmp_path_factory.mktemp("chat-real")
-    running = start_server(tmp, "--chat-model", str(model), services=("chat",))
-    running.wait_healthy(timeout=180)
-    yield running
-    assert running.stop() == 0
+    yield from serve_one(tmp_path_factory.mktemp("chat-real"), "chat", gemma3_270m_mlx())
 
 
 @pytest.fixture(scope="module")

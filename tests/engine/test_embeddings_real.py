@@ -16,7 +16,7 @@ import pytest
 
 from conversions import bert
 from tests.real_weights import MINILM_SENTENCES, minilm_dir, minilm_sentence_embeddings
-from tests.serving import Server, start_server
+from tests.serving import Server, serve_one
 
 WIDTH = 384
 LIMIT = 512
@@ -31,12 +31,7 @@ def source() -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory, source: Path) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("embeddings-real")
     bert.convert(source, root / "minilm-fp16", dtype="float16")
-    running = start_server(
-        root, "--embeddings-model", str(root / "minilm-fp16"), services=("embeddings",)
-    )
-    running.wait_healthy(timeout=300)
-    yield running
-    assert running.stop() == 0
+    yield from serve_one(root, "embeddings", root / "minilm-fp16")
 
 
 @pytest.fixture(scope="module")

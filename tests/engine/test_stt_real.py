@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import require_tool
 from tests.real_weights import whisper_base_mlx
-from tests.serving import Server, start_server
+from tests.serving import Server, serve_one
 
 # Reference texts as Whisper writes them (digits for numbers); espeak reads the words.
 SENTENCES = [
@@ -83,12 +83,7 @@ def model() -> Path:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, model: Path) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("stt-real"), "--stt-model", str(model), services=("stt",)
-    )
-    running.wait_healthy(timeout=300)
-    yield running
-    assert running.stop() == 0
+    yield from serve_one(tmp_path_factory.mktemp("stt-real"), "stt", model)
 
 
 def post(server: Server, path: Path, **fields: str) -> httpx.Response:

@@ -6,13 +6,10 @@ shapes, timing and plumbing are what is checked here (tests/engine/test_stt_real
 
 from __future__ import annotations
 
-import io
 import json
-import struct
 import subprocess
 import threading
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +21,8 @@ import srt
 import webvtt
 
 from tests.conftest import require_tool
-from tests.serving import Server, start_server
+from tests.serving import Server, serve_one
+from tests.wav_files import float_wav, int_wav
 
 RATE = 16_000
 FAST = {"temperature": "0", "temperature_inc": "0"}  # one decode per window
@@ -35,37 +33,12 @@ def noise(seconds: float, rate: int = RATE, seed: int = 0) -> np.ndarray:
 
 
 def wav(samples: np.ndarray, rate: int = RATE, width: int = 2, channels: int = 1) -> bytes:
-    frames = np.repeat(np.clip(samples, -1, 1)[:, None], channels, axis=1)
-    if width == 1:
-        raw = np.round(frames * 127 + 128).astype(np.uint8).tobytes()
-    else:
-        scaled = np.round(frames * (2 ** (8 * width - 1) - 1)).astype("<i4")
-        raw = scaled.view(np.uint8).reshape(-1, 4)[:, :width].tobytes()
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(channels)
-        out.setsampwidth(width)
-        out.setframerate(rate)
-        out.writeframes(raw)
-    return buffer.getvalue()
-
-
-def float_wav(samples: np.ndarray, rate: int, channels: int = 1) -> bytes:
-    data = np.repeat(samples[:, None], channels, axis=1).astype("<f4").tobytes()
-    fmt = struct.pack("<HHIIHH", 3, channels, rate, rate * channels * 4, channels * 4, 32)
-    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
-    body += b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
+    return int_wav(samples, rate, width, channels)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_whisper: Path) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("stt"), "--stt-model", str(tiny_whisper), services=("stt",)
-    )
-    running.wait_healthy(timeout=180)
-    yield running
-    assert running.stop() == 0
+    yield from serve_one(tmp_path_factory.mktemp("stt"), "stt", tiny_whisper)
 
 
 @pytest.fixture(scope="module")
@@ -343,16 +316,8 @@ def test_compressed_formats(server: Server, containers: dict[str, bytes], ext: s
 def server_without_ffmpeg(tmp_path_factory, tiny_whisper: Path) -> Iterator[Server]:
     if Path("/opt/homebrew/bin/ffmpeg").exists() or Path("/usr/local/bin/ffmpeg").exists():
         pytest.skip("ffmpeg is installed in a Homebrew location the server always searches")
-    running = start_server(
-        tmp_path_factory.mktemp("stt-noffmpeg"),
-        "--stt-model",
-        str(tiny_whisper),
-        services=("stt",),
-        env={"PATH": "/nonexistent"},
-    )
-    running.wait_healthy(timeout=180)
-    yield running
-    assert running.stop() == 0
+    tmp = tmp_path_factory.mktemp("stt-noffmpeg")
+    yield from serve_one(tmp, "stt", tiny_whisper, env={"PATH": "/nonexistent"})
 
 
 @pytest.mark.parametrize(("ext", "kind"), [("m4a", "m4a/mp4"), ("webm", "webm/matroska"),
