@@ -36,6 +36,10 @@ SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
             "help": "let chat fetch http(s) image URLs (off: only base64 data: URLs)",
         },
     ),
+    (
+        "--chat-parallel",
+        {"type": int, "help": "chat replies generated at once, decode steps interleaved (4)"},
+    ),
     ("--queue-size", {"type": int, "help": "requests queued per service before 503 (default 64)"}),
     ("--shutdown-timeout", {"type": float, "help": "seconds to finish work on SIGTERM"}),
     ("--embeddings-max-inputs", {"type": int, "help": "inputs per embeddings request (2048)"}),

@@ -53,6 +53,7 @@ class Config:
     stt_language: str = "auto"
     stt_time_limit_factor: float = 3.0
     chat_allow_image_urls: bool = False
+    chat_parallel: int = 4
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
 
@@ -148,7 +149,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"port {port} is out of range")
     if len(set(ports)) != len(ports):
         raise ConfigError("each service needs its own port")
-    for name in ("queue_size", "embeddings_max_inputs", "embeddings_batch_tokens"):
+    for name in ("queue_size", "embeddings_max_inputs", "embeddings_batch_tokens", "chat_parallel"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
     _validate_stt(config)

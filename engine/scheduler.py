@@ -276,7 +276,7 @@ class ModelWorker:
             job.started_at, job.run_others = time.monotonic(), self._run_queued
             job.finish(self._handlers[job.kind](self.runner, job))
         except BaseException as exc:  # noqa: BLE001 - reported to the waiting request(s)
-            error = _as_client_error(exc, self.name)
+            error = as_client_error(exc, self.name)
             with self._cond:
                 running = list(self._active)
             for job in running:
@@ -318,13 +318,14 @@ class ModelWorker:
             job.started_at = time.monotonic()
             job.finish(self._handlers[job.kind](self.runner, job))
         except BaseException as exc:  # noqa: BLE001 - reported to that job's request only
-            job.finish(error=_as_client_error(exc, self.name))
+            job.finish(error=as_client_error(exc, self.name))
         finally:
             with self._cond:
                 self._active = [j for j in self._active if j is not job]
 
 
-def _as_client_error(exc: BaseException, name: str) -> BaseException:
+def as_client_error(exc: BaseException, name: str) -> BaseException:
+    """What the waiting request is told: API errors as they are, anything else a logged 500."""
     if isinstance(exc, ApiError | Cancelled):
         return exc
     log.exception("%s: request failed", name, exc_info=exc)

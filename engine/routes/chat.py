@@ -1,7 +1,8 @@
 """Chat service (port 8080): OpenAI `POST /v1/chat/completions`.
 
 The handler validates the body (engine.routes.chat_request), queues one job and reads its
-events: `Started` once the prompt is rendered and fits, then one `Piece` per decoded token.
+events: `Started` once the prompt is rendered and fits, then one `Piece` per decoded token;
+the model thread interleaves the decode steps of up to `chat_parallel` replies (`interleave`).
 Both the streamed and the non-streamed reply run those pieces through the same OutputParser
 (engine.routes.chat_output), which splits thinking, content and tool calls.
 """
@@ -13,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +41,7 @@ from engine.routes.chat_request import (
     parse_tool_choice,
     parse_tools,
 )
-from engine.scheduler import Job
+from engine.scheduler import BatchRule, Job, as_client_error
 from engine.server import ServiceSpec, resolve_requested_model
 from engine.validation import optional_bool, optional_object, parse_json_body, required
 
@@ -340,7 +342,8 @@ def opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
-def chat_job(runner: Any, job: Job) -> ChatOutcome:
+def chat_steps(runner: Any, job: Job) -> Generator[None, None, ChatOutcome]:
+    """One reply, a decode step per `next()`: render and check the prompt, then generate."""
     from engine.runners.chat_types import PromptTooLongError
 
     request: ChatRequest = job.payload
@@ -360,7 +363,7 @@ def chat_job(runner: Any, job: Job) -> ChatOutcome:
         raise _context_error(prompt.n_tokens, context)
     params = _params(runner, request, context - prompt.n_tokens)
     job.emit(Started(prompt.n_tokens, opens_reasoning(prompt.text)))
-    return _decode(runner, job, prompt, params)
+    return (yield from _decode(runner, job, prompt, params))
 
 
 def _params(runner: Any, request: ChatRequest, room: int) -> Any:
@@ -383,7 +386,7 @@ def _params(runner: Any, request: ChatRequest, room: int) -> Any:
     )
 
 
-def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> ChatOutcome:
+def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> Generator[None, None, ChatOutcome]:
     outcome = ChatOutcome(prompt_tokens=prompt.n_tokens)
     started = time.perf_counter()
     first_token_at = None
@@ -391,6 +394,7 @@ def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> ChatOutcome:
         for step in runner.generate(prompt, params, lambda: job.cancelled):
             first_token_at = first_token_at or time.perf_counter()
             _emit_step(runner, job, params, step, outcome)
+            yield
     except ValueError as exc:  # e.g. a response format this tokenizer cannot enforce
         raise InvalidRequest(f"Generation failed: {exc}", param="response_format") from None
     if job.cancelled:
@@ -426,13 +430,46 @@ def _logprob_entry(runner: Any, step: Any) -> dict[str, Any]:
     return entry
 
 
+def interleave(runner: Any, jobs: list[Job], take_more: Callable[[], list[Job]]) -> None:
+    """Generate several replies at once, one decode step of each in turn, admitting requests
+    that arrive meanwhile into the slots that free up. A failure ends only its own reply."""
+    running: dict[Job, Generator[None, None, ChatOutcome]] = {}
+    while jobs or running:
+        for job in jobs:
+            running[job] = chat_steps(runner, job)
+        for job, steps in list(running.items()):
+            if _step(job, steps):
+                del running[job]
+        jobs = take_more()
+
+
+def _step(job: Job, steps: Generator[None, None, ChatOutcome]) -> bool:
+    """Advance one reply by a step; True when it has ended (and its job is finished)."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        job.finish(done.value)
+    except Exception as exc:  # noqa: BLE001 - reported to this reply's request only
+        job.finish(error=as_client_error(exc, "chat"))
+    else:
+        return False
+    return True
+
+
+def _batch_rules(config: Config) -> dict[str, BatchRule]:
+    def fits(batch: list[Job], job: Job) -> bool:
+        return len(batch) < config.chat_parallel
+
+    return {"chat": BatchRule(interleave, fits)}
+
+
 def load(model: ModelInfo, config: Config) -> Any:
     from engine.runners.chat import ChatRunner
 
     return ChatRunner.load(model.path, model.id)
 
 
-SPEC = ServiceSpec(name="chat", blueprint=bp, load=load, handlers={"chat": chat_job})
+SPEC = ServiceSpec(name="chat", blueprint=bp, load=load, batch_rules=_batch_rules)
 
 
-__all__ = ["SPEC", "ChatOutcome", "Piece", "Reply", "Started", "ToolCall", "chat_job"]
+__all__ = ["SPEC", "ChatOutcome", "Piece", "Reply", "Started", "ToolCall", "chat_steps"]

@@ -277,6 +277,27 @@ def test_disconnect_frees_the_slot(server: Server, api) -> None:
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_second_reply_runs_beside_a_long_one_and_seeds_still_reproduce(
+    server: Server, api
+) -> None:
+    seeded = {"messages": [{"role": "user", "content": "Tell me"}], "max_tokens": 12, "seed": 42}
+    seeded.update(model="m", temperature=1.0, top_p=1.0, extra_body={"top_k": 0})
+    alone = api.chat.completions.create(**seeded).choices[0].message.content
+    cancels = server.log().count("generation cancelled after")
+    body = {"messages": [{"role": "user", "content": "Go"}], "max_tokens": 3000, "stream": True}
+    url = server.url("chat") + "/v1/chat/completions"
+    with httpx.stream("POST", url, json=body) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if '"content": "' in line or '"reasoning_content"' in line)
+        beside = api.chat.completions.create(**seeded, timeout=60)
+        assert beside.choices[0].message.content == alone
+        assert any('"delta": {' in line for line in lines)
+    # Closed while still generating: one slot would have finished it before `beside` ran.
+    server.wait_for(
+        lambda: server.log().count("generation cancelled after") > cancels, 10, "the cancel"
+    )
+
+
 def test_node_sdk_streamed_and_not(server: Server, api, node_client) -> None:
     request = {"kind": "chat", "model": "m", "messages": PROMPT, **GREEDY}
     base = server.url("chat") + "/v1"

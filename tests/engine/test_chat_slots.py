@@ -1,0 +1,103 @@
+"""Chat slots: up to --chat-parallel replies generated at once, their decode steps interleaved
+on the one model thread, with the real scheduler and a scripted runner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.config import Config
+from engine.errors import InvalidRequest
+from engine.routes import chat
+from engine.routes.chat_request import ChatRequest
+from engine.scheduler import ModelWorker
+from tests.engine.fakes import FakeChat
+
+
+def request(text: str, max_tokens: int) -> ChatRequest:
+    messages = [{"role": "user", "content": text}]
+    return ChatRequest(messages, [], {}, max_tokens, (), None, None)
+
+
+class RecordingChat(FakeChat):
+    """FakeChat that logs (prompt, token index) for every decode step, in the order run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[str, int]] = []
+
+    def prepare(self, messages, images, *, enable_thinking=None, tools=None):
+        if messages[0]["content"] == "too long":
+            raise InvalidRequest("prompt too long", param="messages")
+        return super().prepare(messages, images, enable_thinking=enable_thinking, tools=tools)
+
+    def generate(self, prompt, params, is_cancelled):
+        for index, step in enumerate(super().generate(prompt, params, is_cancelled)):
+            time.sleep(0.002)  # a decode step takes time
+            self.steps.append((prompt.text, index))
+            yield step
+
+
+def run(parallel: int, plan: list[tuple[float, ChatRequest]]) -> tuple:
+    """Submit each request after its delay; return the runner, the outcome (or error) of each
+    request, and the order in which the requests finished."""
+    runner = RecordingChat()
+    config = Config(chat_parallel=parallel)
+    worker = ModelWorker(
+        "chat", lambda: runner, {}, queue_size=8, batch_rules=chat._batch_rules(config)
+    )
+    finished: list[str] = []
+
+    async def one(delay: float, body: ChatRequest):
+        await asyncio.sleep(delay)
+        job = worker.submit("chat", body, stream=True)
+        async for _ in job.stream():
+            pass
+        try:
+            return await job.result()
+        except InvalidRequest as exc:
+            return exc
+        finally:
+            finished.append(body.messages[0]["content"])
+
+    async def main() -> list:
+        worker.start()
+        while worker.runner is None:
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(*(one(delay, body) for delay, body in plan))
+
+    try:
+        return (runner, *asyncio.run(main()), finished)
+    finally:
+        worker.stop(5)
+
+
+def test_replies_generate_together_one_step_each_in_turn() -> None:
+    runner, long, short, finished = run(2, [(0, request("long", 40)), (0, request("short", 3))])
+    assert long.completion_tokens == 40 and short.completion_tokens == 3
+    assert finished == ["short", "long"]
+    assert [text for text, _ in runner.steps[:6]] == ["long", "short"] * 3
+
+
+def test_a_request_arriving_mid_reply_takes_a_free_slot() -> None:
+    runner, long, late, finished = run(2, [(0, request("long", 60)), (0.05, request("late", 2))])
+    assert finished == ["late", "long"]
+    first_late = runner.steps.index(("late", 0))
+    assert 0 < first_late < len(runner.steps) - 3
+    assert ("long", 59) in runner.steps[first_late:]
+
+
+def test_one_slot_is_one_reply_at_a_time() -> None:
+    runner, first, second, finished = run(1, [(0, request("first", 10)), (0, request("second", 3))])
+    assert finished == ["first", "second"]
+    assert [text for text, _ in runner.steps] == ["first"] * 10 + ["second"] * 3
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_a_failing_request_ends_only_itself(parallel: int) -> None:
+    plan = [(0, request("a", 5)), (0, request("too long", 5)), (0, request("b", 5))]
+    _, a, failed, b, _ = run(parallel, plan)
+    assert isinstance(failed, InvalidRequest) and failed.param == "messages"
+    assert a.completion_tokens == 5 and b.completion_tokens == 5
