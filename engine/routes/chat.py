@@ -248,7 +248,7 @@ async def _stream_end(
         await response.eof()
         return
     last = chunk(meta, {}, reply.finish_reason(outcome), logprobs=reply.take_logprobs())
-    await response.send(_sse(last))
+    await response.send(_sse({**last, "timings": timings(outcome)}))  # as llama-server
     if include_usage:
         envelope = _envelope(meta, "chat.completion.chunk")
         await response.send(_sse({**envelope, "choices": [], "usage": usage(outcome, reply)}))

@@ -315,6 +315,7 @@ def test_chat_stream_shape(tmp_path: Path) -> None:
         text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
         assert text == "Hello world,"
         assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-2]["timings"]["predicted_n"] == 3
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
 
 
