@@ -123,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", nargs="*", help="audio files (default: espeak-ng speech)")
     args = parser.parse_args(argv)
     if args.model:
-        model = Path(args.model)
+        model = Path(args.model).resolve()
+        if not (model / "config.json").is_file():  # mlx_whisper would take it for a hub id
+            parser.error(f"{model} is not an MLX Whisper directory")
     else:
         from tests.real_weights import whisper_base_mlx
 

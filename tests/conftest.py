@@ -9,6 +9,27 @@ from pathlib import Path
 import pytest
 
 IN_CI = bool(os.environ.get("CI"))
+# Tests build or install their weights locally; nothing may come from the model hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+HUB_LOADERS = (
+    "mlx_whisper.load_models",
+    "mlx_vlm.utils",
+    "mlx_lm.utils",
+    "mlx_embeddings.utils",
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_model_hub():
+    """A library asked for a model by hub id (a path that does not exist) fails the test."""
+
+    def refuse(repo_id: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a test asked the hub for {repo_id!r}: build or convert it locally")
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in HUB_LOADERS:
+            patch.setattr(f"{module}.snapshot_download", refuse)
+        yield
 
 
 def require_tool(name: str) -> str:

@@ -25,7 +25,9 @@ FAKE_CLI = (
 
 def mlxd(home: Path, *args: str, env: dict | None = None, wait: bool = True):
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLXD_", "HF_"))}
-    environment.update({"MLXD_HOME": str(home), "HF_HOME": str(home / "hf"), **(env or {})})
+    # The real hub is unreachable (a closed loopback port) unless a test names a fake one.
+    environment.update({"MLXD_HOME": str(home), "HF_HOME": str(home / "hf")})
+    environment.update({"HF_ENDPOINT": "http://127.0.0.1:9", **(env or {})})
     command = [sys.executable, "-c", FAKE_CLI, *args]
     if not wait:
         return subprocess.Popen(command, cwd=ROOT, env=environment, stderr=subprocess.PIPE)

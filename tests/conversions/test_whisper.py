@@ -308,7 +308,7 @@ def test_hf_layout_matches_transformers(
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model, info = transformers.WhisperForConditionalGeneration.from_pretrained(
-        sources["hf"], output_loading_info=True
+        sources["hf"], output_loading_info=True, local_files_only=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     mel, tokens = _mel_and_tokens()

@@ -41,7 +41,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("network access attempted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr("mlx_whisper.load_models.snapshot_download", refuse)
 
 
 @pytest.fixture(scope="module")
