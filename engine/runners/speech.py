@@ -21,7 +21,8 @@ import codecs
 import importlib
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,10 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from engine.scheduler import Cancelled
-
 SAMPLE_RATE = 16_000
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # mlx-whisper 0.4.3 raises NotImplementedError for beam search: decode greedily instead.
 _UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
-
-
-def _never() -> bool:
-    return False
 
 
 def _nothing() -> None:
@@ -196,24 +191,18 @@ class SpeechRunner:
         initial_prompt: str | None = None,
         word_timestamps: bool = False,
         language_probs: bool = False,
-        is_cancelled: Callable[[], bool] = _never,
         on_window: Callable[[], None] = _nothing,
         **decode_options: Any,
     ) -> dict:
-        """Transcribe float32 mono 16 kHz samples; raises Cancelled between windows."""
-
-        def before_window() -> None:
-            if is_cancelled():
-                raise Cancelled("transcription cancelled")
-            on_window()
-
-        before_window()
+        """Transcribe float32 mono 16 kHz samples. `on_window` runs before the work starts and
+        before every window; what it raises (Cancelled, a time limit) ends the transcription."""
+        on_window()
         for name in _UNSUPPORTED_OPTIONS:
             decode_options.pop(name, None)
         if not self.multilingual:
             language, task = "en", "transcribe"
         samples = _samples(audio)
-        with self._calling(before_window) as call:
+        with self._calling(on_window) as call:
             if language_probs and language is not None and self.multilingual:
                 self._model.detect_language(self._mel_window(samples))
             result = self._run(
@@ -242,8 +231,15 @@ class SpeechRunner:
             **options,
         )
 
-    def _calling(self, on_window: Callable[[], None]) -> _CallScope:
-        return _CallScope(self._model, _Call(on_window))
+    @contextmanager
+    def _calling(self, on_window: Callable[[], None]) -> Iterator[_Call]:
+        """Install a call's hooks on the model; restore the enclosing call's afterwards."""
+        outer = self._model.call
+        self._model.call = _Call(on_window)
+        try:
+            yield self._model.call
+        finally:
+            self._model.call = outer
 
     def _finish(self, result: dict, probs: dict[str, float] | None, task: str) -> dict:
         from mlx_whisper.tokenizer import get_tokenizer
@@ -257,20 +253,6 @@ class SpeechRunner:
         if probs is not None:
             result["language_probs"] = {k: float(v) for k, v in probs.items()}
         return result
-
-
-class _CallScope:
-    """Installs a call's hooks on the model and restores the enclosing call's afterwards."""
-
-    def __init__(self, model: _HookedModel, call: _Call) -> None:
-        self._model, self._call, self._outer = model, call, None
-
-    def __enter__(self) -> _Call:
-        self._outer, self._model.call = self._model.call, self._call
-        return self._call
-
-    def __exit__(self, *exc: object) -> None:
-        self._model.call = self._outer
 
 
 def _samples(audio: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine.runners.speech import Cancelled, SpeechRunner, weights_dtype
+from engine.runners.speech import SpeechRunner, weights_dtype
+from engine.scheduler import Cancelled
 from tests.tiny.whisper import build_whisper_mlx
 
 SEGMENT_KEYS = {
@@ -28,6 +30,16 @@ SEGMENT_KEYS = {
     "no_speech_prob",
     "pieces",
 }
+
+
+def cancel_when(condition: Callable[[], bool]) -> Callable[[], None]:
+    """An `on_window` hook that cancels the transcription once `condition` holds."""
+
+    def hook() -> None:
+        if condition():
+            raise Cancelled()
+
+    return hook
 
 
 def _noise(seconds: float, seed: int = 0) -> np.ndarray:
@@ -88,7 +100,7 @@ def test_cancelled_between_windows(runner: SpeechRunner, decode_calls: list[int]
             language="zh",
             temperature=0.0,
             sample_len=16,
-            is_cancelled=lambda: len(decode_calls) >= 1,
+            on_window=cancel_when(lambda: len(decode_calls) >= 1),
         )
     assert len(decode_calls) == 1
     decode_calls.clear()
@@ -98,7 +110,7 @@ def test_cancelled_between_windows(runner: SpeechRunner, decode_calls: list[int]
 
 def test_cancelled_before_start(runner: SpeechRunner, decode_calls: list[int]) -> None:
     with pytest.raises(Cancelled):
-        runner.transcribe(_noise(1.0), language=None, is_cancelled=lambda: True)
+        runner.transcribe(_noise(1.0), language=None, on_window=cancel_when(lambda: True))
     assert decode_calls == []
     result = runner.transcribe(_noise(1.0), language="en", temperature=0.0)
     assert result["language"] == "en"  # usable again after a cancellation
