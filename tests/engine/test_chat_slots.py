@@ -9,7 +9,7 @@ import time
 import pytest
 
 from engine.config import Config
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, ServerError
 from engine.routes import chat
 from engine.routes.chat_request import ChatRequest
 from engine.scheduler import ModelWorker
@@ -36,6 +36,8 @@ class RecordingChat(FakeChat):
     def generate(self, prompt, params, is_cancelled):
         for index, step in enumerate(super().generate(prompt, params, is_cancelled)):
             time.sleep(0.002)  # a decode step takes time
+            if prompt.text == "crash" and index == 2:
+                raise RuntimeError("out of memory")
             self.steps.append((prompt.text, index))
             yield step
 
@@ -57,7 +59,7 @@ def run(parallel: int, plan: list[tuple[float, ChatRequest]]) -> tuple:
             pass
         try:
             return await job.result()
-        except InvalidRequest as exc:
+        except (InvalidRequest, ServerError) as exc:
             return exc
         finally:
             finished.append(body.messages[0]["content"])
@@ -102,3 +104,10 @@ def test_a_failing_request_ends_only_itself(parallel: int) -> None:
     _, a, failed, b, _ = run(parallel, plan)
     assert isinstance(failed, InvalidRequest) and failed.param == "messages"
     assert a.completion_tokens == 5 and b.completion_tokens == 5
+
+
+def test_a_reply_that_crashes_mid_generation_is_a_500_for_it_alone() -> None:
+    plan = [(0, request("a", 8)), (0, request("crash", 8)), (0, request("b", 8))]
+    _, a, crashed, b, _ = run(3, plan)
+    assert isinstance(crashed, ServerError) and "out of memory" in str(crashed)
+    assert a.completion_tokens == 8 and b.completion_tokens == 8
