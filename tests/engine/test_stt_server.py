@@ -10,8 +10,9 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -218,23 +219,28 @@ def test_openai_sdk_every_format(sdk: openai.OpenAI, clip: bytes) -> None:
     assert verbose.words is None
 
 
+def sampled_until_words(create: Callable[[], Any], attempts: int = 5) -> Any:
+    """The tiny random model, sampling, sometimes ends at once with no words; ask again."""
+    for _ in range(attempts):
+        result = create()
+        if result.words:
+            return result
+    return result
+
+
 def test_openai_sdk_word_timestamps_and_language(sdk: openai.OpenAI, clip: bytes) -> None:
-    verbose = sdk.audio.transcriptions.create(
-        model="whisper-1",
-        file=("a.wav", clip),
-        language="zh",
-        response_format="verbose_json",
-        timestamp_granularities=["word"],
-        temperature=0.5,
+    common = {"model": "whisper-1", "file": ("a.wav", clip), "response_format": "verbose_json"}
+    verbose = sampled_until_words(
+        lambda: sdk.audio.transcriptions.create(
+            **common, language="zh", timestamp_granularities=["word"], temperature=0.5
+        )
     )
     assert verbose.language == "chinese" and verbose.segments is None
     assert verbose.words and all(w.start <= w.end for w in verbose.words)
-    both = sdk.audio.transcriptions.create(
-        model="whisper-1",
-        file=("a.wav", clip),
-        response_format="verbose_json",
-        timestamp_granularities=["word", "segment"],
-        temperature=0.5,
+    both = sampled_until_words(
+        lambda: sdk.audio.transcriptions.create(
+            **common, timestamp_granularities=["word", "segment"], temperature=0.5
+        )
     )
     assert both.words and both.segments
 
