@@ -120,7 +120,7 @@ def one_request(url: str, items: list[str]) -> Row:
 
 
 def library(model: Path, items: list[str]) -> Row:
-    from engine.runners.embeddings import EmbeddingsRunner
+    from engine.embeddings.runner import EmbeddingsRunner
 
     runner = EmbeddingsRunner.load(model, model.name)
     tokens = runner.tokenize(items)

@@ -61,7 +61,7 @@ def direct(model: Path, path: Path) -> float:
     import mlx.core as mx
     import mlx_whisper
 
-    from engine.runners.speech import weights_dtype
+    from engine.speech.runner import weights_dtype
 
     fp16 = weights_dtype(model) != mx.float32  # as the server decides
     started = time.perf_counter()

@@ -7,11 +7,9 @@ One module per model family, each with the same shape:
         Write a model directory the engine's runner for that kind loads. `source` is a local
         Hugging Face directory, or a format the family knows (GGUF file, CTranslate2 directory,
         OpenAI .pt). Returns manifest fields: source_format, dtype, quantization, and anything
-        family-specific. Raises store.ConversionError with a clear message.
-    smoke_test(model_dir) -> None
-        Load the converted model as the engine does and run one forward pass.
-    main(argv=None) -> int
-        `python -m conversions.FAMILY SOURCE DEST [-q 4|8] [--group-size N] [--dtype D]`.
+        family-specific. Raises common.ConversionError with a clear message.
 
-`store` installs the result atomically, with a manifest, into the model store.
+`install` is the one entry point (`mlxd convert` and `mlxd pull`): it converts into a temporary
+directory, runs the serving service's smoke test, writes the one manifest schema
+(engine.store.manifest) and moves the result into the store atomically.
 """

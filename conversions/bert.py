@@ -4,7 +4,7 @@ Source: a local Hugging Face directory (config.json with model_type bert or xlm-
 model*.safetensors or pytorch_model*.bin, tokenizer files, optional sentence-transformers
 modules.json and 1_Pooling/config.json).
 
-Output (what `engine.runners.embeddings.EmbeddingsRunner.load` reads):
+Output (what `engine.embeddings.runner.EmbeddingsRunner.load` reads):
   config.json        the source config plus `mlxd_pooling`, `mlxd_normalize`, `torch_dtype` and,
                      when quantized, `quantization: {group_size, bits}` (mlx-embeddings' key)
   model.safetensors  weights in the chosen dtype; quantized layers as weight/scales/biases
@@ -19,19 +19,17 @@ CLS-pooled, MiniLM mean-pooled; a source without a pooling config gets CLS (bge'
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from conversions.store import ConversionError
+from conversions.common import ConversionError, read_source_json
+from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
 
@@ -119,9 +117,9 @@ def source_pooling(source: Path) -> str:
     meant to be used normalised, and OpenAI-style clients expect unit vectors, so `convert`
     normalises unless told otherwise.
     """
-    modules = _read_json(source / "modules.json") or []
+    modules = read_source_json(source / "modules.json") or []
     pooling_dir = _pooling_dir(source, modules)
-    st = _read_json(pooling_dir / "config.json") if pooling_dir else None
+    st = read_source_json(pooling_dir / "config.json") if pooling_dir else None
     return _pooling_mode(st, pooling_dir) if st and pooling_dir else "cls"
 
 
@@ -269,11 +267,11 @@ def copy_tokenizer(source: Path, dest: Path, limit: int) -> int:
         if (source / name).is_file():
             shutil.copy2(source / name, dest / name)
     path = dest / "tokenizer_config.json"
-    tok_config = _read_json(path) or {}
+    tok_config = read_source_json(path) or {}
     max_length = tok_config.get("model_max_length")
     if not isinstance(max_length, int) or not 0 < max_length <= limit:
         tok_config["model_max_length"] = limit
-        _write_json(path, tok_config)
+        write_json(path, tok_config)
     return int(tok_config["model_max_length"])
 
 
@@ -355,7 +353,7 @@ def _prepare_dest(source: Path, dest: Path) -> None:
 
 
 def _copy_pooling_dir(source: Path, dest: Path) -> None:
-    modules = _read_json(source / "modules.json") or []
+    modules = read_source_json(source / "modules.json") or []
     pooling_dir = _pooling_dir(source, modules)
     if pooling_dir and pooling_dir.is_dir():
         shutil.copytree(pooling_dir, dest / "1_Pooling", dirs_exist_ok=True)
@@ -378,82 +376,10 @@ def _write_config(
         out["quantization"] = quant
     out["mlxd_pooling"] = pooling
     out["mlxd_normalize"] = normalize
-    _write_json(dest / "config.json", out)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(dest / "config.json", out)
 
 
 # ----------------------------------------------------------------------------- smoke test
 
 
-def smoke_test(model_dir: str | Path) -> None:
-    """Load `model_dir` as the engine does and embed one short text."""
-    from engine.runners.embeddings import EmbeddingsRunner
-
-    model_dir = Path(model_dir)
-    try:
-        runner = EmbeddingsRunner.load(model_dir, model_dir.name)
-        vectors = runner.embed(runner.tokenize(["mlxd smoke test: 你好, world"]))
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise ConversionError(f"converted model in {model_dir} does not load: {exc}") from exc
-    if vectors.shape != (1, runner.hidden_size):
-        raise ConversionError(f"smoke test: embedding shape {vectors.shape} is wrong")
-    if not np.all(np.isfinite(vectors)):
-        raise ConversionError("smoke test: the embedding has non-finite values")
-    if runner.normalize and abs(float(np.linalg.norm(vectors[0])) - 1.0) > 1e-3:
-        raise ConversionError("smoke test: the embedding is not unit length")
-
-
 # ----------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m conversions.bert",
-        description="Convert a Hugging Face BERT-family embedder (bge, MiniLM) to MLX.",
-    )
-    parser.add_argument("source", type=Path, help="local Hugging Face model directory")
-    parser.add_argument("dest", type=Path, help="output directory (new or empty)")
-    parser.add_argument("-q", "--quantize", type=int, choices=BITS, default=None, dest="bits")
-    parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES)
-    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    parser.add_argument("--pooling", choices=POOLINGS, default=None, help="override pooling")
-    parser.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
-    parser.add_argument("--no-smoke-test", action="store_true")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        fields = convert(
-            args.source,
-            args.dest,
-            quantization=args.bits,
-            group_size=args.group_size,
-            dtype=args.dtype,
-            pooling=args.pooling,
-            normalize=not args.no_normalize,
-        )
-        if not args.no_smoke_test:
-            smoke_test(args.dest)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({"converter_version": CONVERTER_VERSION, **fields}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -14,11 +14,8 @@ Sources, detected automatically:
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import shutil
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from conversions.store import ConversionError
+from conversions.common import ConversionError, read_source_json
+from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
 DTYPES = ("float16", "bfloat16", "float32")
@@ -118,7 +116,7 @@ def convert(
     converter = {"gguf": _convert_gguf, "hf-vlm": _convert_hf_vlm, "hf-text": _convert_hf_text}
     fields = converter[kind](path, dest, quantization, group_size, dtype)
     quant = None if quantization is None else {"bits": quantization, "group_size": group_size}
-    return {"dtype": dtype, "quantization": quant, "converter_version": CONVERTER_VERSION, **fields}
+    return {"dtype": dtype, "quantization": quant, **fields}
 
 
 def _check_options(quantization: int | None, group_size: int, dtype: str) -> None:
@@ -144,7 +142,7 @@ def detect_source(source: Path) -> tuple[str, Path]:
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
         raise ConversionError(f"{source} has no config.json (and not exactly one .gguf file)")
-    model_type = _read_json(config_path).get("model_type")
+    model_type = (read_source_json(config_path) or {}).get("model_type")
     if model_type in VLM_MODEL_TYPES:
         return "hf-vlm", source
     if model_type in TEXT_MODEL_TYPES:
@@ -156,17 +154,6 @@ def detect_source(source: Path) -> tuple[str, Path]:
 def _is_gguf(path: Path) -> bool:
     with path.open("rb") as handle:
         return handle.read(4) == GGUF_MAGIC
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------ Gemma 4 (mlx-vlm layout)
@@ -251,7 +238,7 @@ def _convert_hf_text(
         dtype=dtype,
     )
     _copy_side_files(source, dest)
-    model_type = _read_json(dest / "config.json").get("model_type")
+    model_type = (read_source_json(dest / "config.json") or {}).get("model_type")
     return {"source_format": "hf", "model_type": model_type}
 
 
@@ -475,7 +462,7 @@ def _save_lm_model(
         model, config = quantize_model(model, config, group_size, quantization)
     save_model(dest, model, donate_model=True)
     save_config(config, config_path=dest / "config.json")
-    _write_json(dest / "generation_config.json", _generation_config(config))
+    write_json(dest / "generation_config.json", _generation_config(config))
 
 
 def _generation_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -518,7 +505,7 @@ def _write_gguf_tokenizer(parsed: GGUFSource, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "tokenizer.json").write_text(parsed.tokenizer_json, encoding="utf-8")
     fields = _tokenizer_config(parsed.tokenizer_fields, parsed.config)
-    _write_json(dest / "tokenizer_config.json", fields)
+    write_json(dest / "tokenizer_config.json", fields)
     (dest / "chat_template.jinja").write_text(GEMMA3_CHAT_TEMPLATE, encoding="utf-8")
 
 
@@ -545,7 +532,7 @@ def weight_precision(model_dir: Path) -> dict[str, str]:
     """Each top-level weight prefix of a converted model -> "q<bits>" or its float dtype."""
     import mlx.core as mx
 
-    config = _read_json(Path(model_dir) / "config.json")
+    config = read_source_json(Path(model_dir) / "config.json") or {}
     quant = config.get("quantization") or {}
     out: dict[str, str] = {}
     for path in sorted(Path(model_dir).glob("*.safetensors")):
@@ -557,47 +544,3 @@ def weight_precision(model_dir: Path) -> dict[str, str]:
             bits = (quant.get(module) or {}).get("bits", quant.get("bits"))
             out[name] = f"q{bits}" if scaled else str(value.dtype).removeprefix("mlx.core.")
     return out
-
-
-def smoke_test(model_dir: str | Path) -> None:
-    """Load as the engine does and generate one token greedily."""
-    from engine.runners.chat import ChatParams, ChatRunner
-
-    runner = ChatRunner.load(Path(model_dir), Path(model_dir).name)
-    prompt = runner.prepare([{"role": "user", "content": "Hello"}], [])
-    params = ChatParams(
-        max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stop=()
-    )
-    steps = list(runner.generate(prompt, params, lambda: False))
-    if not steps or steps[-1].token is None:
-        raise ConversionError(f"{model_dir} loaded but generated nothing")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m conversions.gemma",
-        description="Convert Gemma 4 (HF) or Gemma 3 text (GGUF or HF) to MLX",
-    )
-    parser.add_argument("source", type=Path, help="HF directory or .gguf file")
-    parser.add_argument("dest", type=Path, help="output directory (must not exist)")
-    parser.add_argument("-q", "--quantization", default="4", choices=["4", "8", "none"])
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16", choices=DTYPES)
-    parser.add_argument("--no-smoke-test", action="store_true")
-    args = parser.parse_args(argv)
-    bits = None if args.quantization == "none" else int(args.quantization)
-    try:
-        fields = convert(
-            args.source, args.dest, quantization=bits, group_size=args.group_size, dtype=args.dtype
-        )
-        if not args.no_smoke_test:
-            smoke_test(args.dest)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(fields, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from conversions.store import ConversionError
+from conversions.common import ConversionError
 
 # What a converter reads; everything else in a repo (ONNX, GGUF, other frameworks) is skipped.
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "1_Pooling/*"]

@@ -17,13 +17,11 @@ The encoder's sinusoidal positions are not stored: mlx-whisper computes them.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import gzip
 import json
 import re
 import struct
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
-from conversions.store import ConversionError, write_manifest
+from conversions.common import ConversionError, read_source_json
 
 CONVERTER_VERSION = "1"
 WEIGHTS = "weights.safetensors"
@@ -309,20 +307,11 @@ def read_hf(source: Path) -> Checkpoint:
             mlx_name = hf_to_mlx_name(name)
             if mlx_name is not None:
                 weights[mlx_name] = _conv_to_mlx(mlx_name, value)
-    generation = _read_json(source / "generation_config.json") or {}
+    generation = read_source_json(source / "generation_config.json") or {}
     heads = generation.get("alignment_heads")
     heads_array = None if heads is None else _as_heads(heads, dims)
     hint = str(config.get("_name_or_path") or source.name).rsplit("/", 1)[-1]
     return Checkpoint("hf", dims, weights, heads_array, hint)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------- OpenAI .pt
@@ -558,7 +547,7 @@ def read_ct2(source: Path, model_bin: Path | None = None) -> Checkpoint:
     dims = _ct2_dims(tensors)
     weights = {name: _to_mx(value) for name, value in _ct2_weights(tensors, dims)}
     weights = {name: _conv_to_mlx(name, value) for name, value in weights.items()}
-    config = _read_json(source / "config.json") or {}
+    config = read_source_json(source / "config.json") or {}
     heads = config.get("alignment_heads")
     heads_array = None if heads is None else _as_heads(heads, dims)
     return Checkpoint("ct2", dims, weights, heads_array, source.name)
@@ -589,7 +578,7 @@ def read_checkpoint(source: Path) -> Checkpoint:
         if _is_ct2_bin(source):  # a CTranslate2 model.bin given directly
             return read_ct2(source.parent, source)
         return read_openai_pt(source)
-    config = _read_json(source / "config.json")
+    config = read_source_json(source / "config.json")
     if (source / "model.bin").is_file() and _is_ct2_bin(source / "model.bin"):
         return read_ct2(source)
     if config is None:
@@ -706,87 +695,4 @@ def _write(
 # ---------------------------------------------------------------------------- smoke test
 
 
-def smoke_test(model_dir: str | Path) -> None:
-    """Load as the engine does, then run the encoder and one decoder step on 1 s of silence.
-
-    The encoder sees just that second (50 positions, not a padded 30 s window): every layer and
-    kernel still runs, at 1/30 of the cost, which matters for quantized models on a CPU.
-    """
-    from mlx_whisper.audio import SAMPLE_RATE, log_mel_spectrogram
-    from mlx_whisper.load_models import load_model
-
-    from engine.runners.speech import weights_dtype
-
-    model_dir = Path(model_dir)
-    compute = mx.float32 if weights_dtype(model_dir) == mx.float32 else mx.float16
-    model = load_model(str(model_dir), dtype=compute)
-    mel = log_mel_spectrogram(mx.zeros((SAMPLE_RATE,)), n_mels=model.dims.n_mels)[:100]
-    features = _encode_short(model, mel.astype(compute)[None])
-    sot = 50258 if model.is_multilingual else 50257
-    logits = model.logits(mx.array([[sot]]), features)
-    mx.eval(logits)
-    if logits.shape != (1, 1, model.dims.n_vocab):
-        raise ConversionError(f"smoke test: logits have shape {logits.shape}")
-    if not bool(mx.all(mx.isfinite(logits)).item()):
-        raise ConversionError("smoke test: the decoder produced non-finite logits")
-
-
-def _encode_short(model: Any, mel: mx.array) -> mx.array:
-    """The encoder on fewer frames than a full window (positions sliced to match)."""
-    encoder = model.encoder
-    full = encoder._positional_embedding
-    encoder._positional_embedding = full[: mel.shape[1] // 2]
-    try:
-        features = encoder(mel)
-        mx.eval(features)
-    finally:
-        encoder._positional_embedding = full
-    return features
-
-
 # ---------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m conversions.whisper",
-        description="Convert a Whisper checkpoint (Hugging Face dir, OpenAI .pt, CTranslate2 dir) "
-        "to mlx-whisper's layout.",
-    )
-    parser.add_argument("source", type=Path)
-    parser.add_argument("dest", type=Path)
-    parser.add_argument("-q", "--quantize", type=int, choices=BITS, default=None)
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float16")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        fields = convert(
-            args.source,
-            args.dest,
-            quantization=args.quantize,
-            group_size=args.group_size,
-            dtype=args.dtype,
-        )
-        smoke_test(args.dest)
-    except ConversionError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    manifest = write_manifest(
-        args.dest,
-        id=args.dest.name,
-        kind="stt",
-        source=str(args.source),
-        converter="conversions.whisper",
-        converter_version=CONVERTER_VERSION,
-        **fields,
-    )
-    print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import Config, ConfigError, build_config, load_config
+from engine.config import (
+    Config,
+    ConfigError,
+    add_serve_flags,
+    build_config,
+    load_config,
+    serve_args,
+)
 
 LABEL = "dev.mlxd.serve"
 BREW_LABEL = "homebrew.mxcl.mlxd"
@@ -27,7 +34,6 @@ TEMPLATE_NAME = f"{LABEL}.plist"
 EXIT_TIMEOUT_MARGIN = 10  # seconds above the shutdown timeout before launchd sends SIGKILL
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 TOKENS = ("@MLXD@", "@LOGS@", "@MLXD_HOME@", "@PATH@")
-PATH_FLAGS = ("--config", "--home", "--chat-model", "--embeddings-model", "--stt-model")
 
 
 class AgentError(Exception):
@@ -177,28 +183,20 @@ def plist_bytes(plist: dict[str, Any]) -> bytes:
 # -- serve flags -----------------------------------------------------------------------------
 
 
-def _absolute_if_path(flag: str, value: str) -> str:
-    if flag not in PATH_FLAGS:
-        return value
-    looks_like_path = (
-        flag in ("--config", "--home") or value.startswith(("/", "~", ".")) or (os.sep in value)
-    )
+def _absolute_if_path(value: str) -> str:
+    """A directory made absolute (launchd has no working directory); a store id kept."""
+    looks_like_path = value.startswith(("/", "~", ".")) or os.sep in value
     return str(Path(value).expanduser().absolute()) if looks_like_path else value
 
 
-def serve_args_from(args: argparse.Namespace, flags: list[tuple[str, dict]]) -> list[str]:
+def serve_args_from(args: argparse.Namespace) -> list[str]:
     """The `mlxd serve` flags given to `mlxd agent install`, paths made absolute."""
-    out: list[str] = []
-    for flag, options in [("--config", {}), ("--home", {}), *flags]:
-        dest = options.get("dest") or flag[2:].replace("-", "_")
-        value = getattr(args, dest, None)
-        if value is None:
-            continue
-        if options.get("action") == "store_const":
-            out.append(flag)
-        else:
-            out += [flag, _absolute_if_path(flag, str(value))]
-    return out
+    config_file = getattr(args, "config", None)
+    out = ["--config", str(Path(config_file).expanduser().absolute())] if config_file else []
+    values = dict(vars(args))
+    if values.get("home"):
+        values["home"] = str(Path(values["home"]).expanduser().absolute())
+    return out + serve_args(values, _absolute_if_path)
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -246,20 +244,25 @@ def ports_of(config: Config) -> set[int]:
 
 def config_of_plist(path: Path) -> Config:
     """The configuration an installed agent runs with (its flags and environment)."""
-    from engine.cli import build_parser
-
     try:
         with path.open("rb") as stream:
             plist = plistlib.load(stream)
         program = [str(a) for a in plist.get("ProgramArguments", [])]
         serve_at = program.index("serve")
-        args = build_parser().parse_args(program[serve_at:])
+        args = _serve_parser().parse_args(program[serve_at + 1 :])
         environ = {str(k): str(v) for k, v in plist.get("EnvironmentVariables", {}).items()}
         fields = set(Config.__dataclass_fields__)
         flags = {k: v for k, v in vars(args).items() if k in fields and v is not None}
         return load_config(flags, args.config, environ)
     except (OSError, ValueError, ConfigError, SystemExit, plistlib.InvalidFileException):
         return build_config({})
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlxd serve", add_help=False)
+    parser.add_argument("--config")
+    add_serve_flags(parser)
+    return parser
 
 
 def refuse_beside_brew(paths: Paths, config: Config) -> None:
@@ -281,13 +284,11 @@ def refuse_beside_brew(paths: Paths, config: Config) -> None:
 
 
 def install(args: argparse.Namespace, paths: Paths) -> int:
-    from engine.cli import SERVE_FLAGS
-
     config = config_from(args)
     refuse_beside_brew(paths, config)
     plist = render_plist(
         mlxd_command(),
-        serve_args_from(args, SERVE_FLAGS),
+        serve_args_from(args),
         user_home=paths.home,
         mlxd_home=config.home.expanduser().absolute(),
         shutdown_timeout=config.shutdown_timeout,

@@ -11,69 +11,16 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
-from engine.config import SERVICES as KINDS
-from engine.config import Config, ConfigError, load_config
-
-SERVE_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--host", {"help": "address to bind (default 127.0.0.1; non-loopback needs --api-key)"}),
-    ("--chat-port", {"type": int, "help": "chat service port (default 8080)"}),
-    ("--embeddings-port", {"type": int, "help": "embeddings service port (default 8081)"}),
-    ("--stt-port", {"type": int, "help": "speech-to-text service port (default 8082)"}),
-    ("--only", {"help": "comma-separated services to run: chat,embeddings,stt"}),
-    ("--chat-model", {"help": "store id or local MLX model directory (default gemma-4-e4b)"}),
-    ("--embeddings-model", {"help": "store id or local directory (default bge-base-zh)"}),
-    ("--stt-model", {"help": "store id or local directory (default whisper-large-v3-turbo)"}),
-    ("--api-key", {"help": "require 'Authorization: Bearer KEY' on every route but /health"}),
-    ("--allowed-hosts", {"help": "extra Host header names to accept, comma-separated"}),
-    ("--cors-origins", {"help": "origins that get CORS headers, comma-separated ('*' for any)"}),
-    ("--strict-model", {"action": "store_const", "const": True, "help": "404 unknown models"}),
-    (
-        "--allow-image-urls",
-        {
-            "action": "store_const",
-            "const": True,
-            "dest": "chat_allow_image_urls",
-            "help": "let chat fetch http(s) image URLs (off: only base64 data: URLs)",
-        },
-    ),
-    (
-        "--chat-parallel",
-        {"type": int, "help": "chat replies generated at once, decode steps interleaved (4)"},
-    ),
-    ("--queue-size", {"type": int, "help": "requests queued per service before 503 (default 64)"}),
-    ("--shutdown-timeout", {"type": float, "help": "seconds to finish work on SIGTERM"}),
-    ("--embeddings-max-inputs", {"type": int, "help": "inputs per embeddings request (2048)"}),
-    ("--embeddings-batch-tokens", {"type": int, "help": "tokens per embeddings forward pass"}),
-    (
-        "--embeddings-truncate",
-        {"action": "store_const", "const": True, "help": "truncate over-long inputs, not 400"},
-    ),
-    (
-        "--embeddings-no-batching",
-        {
-            "action": "store_const",
-            "const": False,
-            "dest": "embeddings_batching",
-            "help": "one embeddings request per forward pass (for comparison)",
-        },
-    ),
-    (
-        "--stt-language",
-        {"help": "language when a /inference request names none (default auto: detect)"},
-    ),
-    (
-        "--stt-time-limit-factor",
-        {"type": float, "help": "speech time limit: this many s per audio s, min 60 (0: none)"},
-    ),
-    ("--log-level", {"help": "DEBUG, INFO, WARNING or ERROR"}),
-]
+from engine.config import Config, ConfigError, add_serve_flags, load_config
+from engine.store.catalog import SERVICES
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, dict]]) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
     parser.add_argument("--config", help="TOML configuration file (default $MLXD_HOME/config.toml)")
-    parser.add_argument("--home", help="model store and data directory ($MLXD_HOME)")
-    for flag, options in flags:
-        parser.add_argument(flag, default=None, **options)
+    if serve:
+        add_serve_flags(parser)
+    else:
+        parser.add_argument("--home", help="model store and data directory ($MLXD_HOME)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,11 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mlxd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the services in the foreground")
-    _add_config_flags(serve, SERVE_FLAGS)
+    _add_config_flags(serve, serve=True)
     models = commands.add_parser("models", help="list the models in the store")
-    _add_config_flags(models, [])
+    _add_config_flags(models, serve=False)
     doctor = commands.add_parser("doctor", help="check the platform, ports and models")
-    _add_config_flags(doctor, SERVE_FLAGS)
+    _add_config_flags(doctor, serve=True)
     _add_model_commands(commands)
     _add_agent_command(commands)
     return parser
@@ -105,12 +52,12 @@ def _add_conversion_flags(parser: argparse.ArgumentParser) -> None:
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     pull = commands.add_parser("pull", help="download, convert and install a model")
     pull.add_argument("model", metavar="ID", help="a known id (see README) or a hub repo ORG/NAME")
-    pull.add_argument("--kind", choices=KINDS, help="service for a hub repo not in the catalog")
+    pull.add_argument("--kind", choices=SERVICES, help="service for a hub repo not in the catalog")
     pull.add_argument("--revision", help="branch, tag or commit to download")
     pull.add_argument("--as", dest="as_id", metavar="ID", help="store id (default from the repo)")
     _add_conversion_flags(pull)
     convert = commands.add_parser("convert", help="convert a local checkpoint into the store")
-    convert.add_argument("kind", choices=KINDS, help="the service that will serve it")
+    convert.add_argument("kind", choices=SERVICES, help="the service that will serve it")
     convert.add_argument("source", help="HF directory, GGUF file or CTranslate2 directory")
     convert.add_argument("--as", dest="as_id", metavar="ID", required=True, help="store id")
     _add_conversion_flags(convert)
@@ -118,14 +65,14 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("model", metavar="ID")
     for sub in (pull, convert, commands.choices["rm"], commands.choices["verify"]):
-        _add_config_flags(sub, [])
+        _add_config_flags(sub, serve=False)
 
 
 def _add_agent_command(commands: argparse._SubParsersAction) -> None:
     agent = commands.add_parser("agent", help="run mlxd at login as a launchd user agent (macOS)")
     actions = agent.add_subparsers(dest="agent_action", metavar="ACTION", required=True)
     install = actions.add_parser("install", help="write ~/Library/LaunchAgents plist and start it")
-    _add_config_flags(install, SERVE_FLAGS)
+    _add_config_flags(install, serve=True)
     actions.add_parser("uninstall", help="stop the agent and remove its plist")
     actions.add_parser("status", help="show whether the agent runs, and each service's /health")
     logs = actions.add_parser("logs", help="print the agent's log (~/Library/Logs/mlxd)")
@@ -157,7 +104,7 @@ def cmd_serve(config: Config) -> int:
 
 
 def cmd_models(config: Config) -> int:
-    from conversions.store import Store
+    from engine.store import Store
 
     models = Store(config.home).list()
     if not models:
@@ -198,8 +145,8 @@ def _mlx_report() -> list[str]:
 
 
 def cmd_doctor(config: Config) -> int:
-    from conversions.store import ModelMissing, Store
     from engine.audio import find_ffmpeg
+    from engine.store import ModelMissing, Store
 
     lines = [f"mlxd {__version__}", f"Platform: {platform.platform()} ({platform.machine()})"]
     lines.append(f"Python: {sys.version.split()[0]}")
@@ -225,8 +172,8 @@ def cmd_doctor(config: Config) -> int:
 
 
 def _options(args: argparse.Namespace, kind: str, entry=None) -> Any:
-    from conversions.catalog import DEFAULT_DTYPE, DEFAULT_QUANTIZATION
-    from conversions.store import ConvertOptions
+    from conversions.install import ConvertOptions
+    from engine.store.catalog import DEFAULT_DTYPE, DEFAULT_QUANTIZATION
 
     bits = (
         args.quantize
@@ -238,9 +185,11 @@ def _options(args: argparse.Namespace, kind: str, entry=None) -> Any:
 
 
 def cmd_pull(config: Config, args: argparse.Namespace) -> int:
-    from conversions.catalog import CATALOG
     from conversions.hub import download
-    from conversions.store import Store, install
+    from conversions.install import install
+    from engine.services import smoke_test
+    from engine.store import Store
+    from engine.store.catalog import CATALOG
 
     entry = CATALOG.get(args.model)
     if entry is None and "/" not in args.model:
@@ -262,6 +211,7 @@ def cmd_pull(config: Config, args: argparse.Namespace) -> int:
         fetched.path,
         source_info=source,
         options=_options(args, kind, entry),
+        smoke_test=smoke_test(kind),
         force=args.force,
     )
     print(f"Installed {info.id} ({kind}) from {repo}@{fetched.revision[:12]} in {info.path}")
@@ -269,7 +219,10 @@ def cmd_pull(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_convert(config: Config, args: argparse.Namespace) -> int:
-    from conversions.store import Store, install, source_digest
+    from conversions.install import install
+    from engine.services import smoke_test
+    from engine.store import Store
+    from engine.store.manifest import source_digest
 
     source = Path(args.source).expanduser().resolve()
     if not source.exists():
@@ -284,6 +237,7 @@ def cmd_convert(config: Config, args: argparse.Namespace) -> int:
         source,
         source_info=info_source,
         options=_options(args, args.kind),
+        smoke_test=smoke_test(args.kind),
         force=args.force,
     )
     print(f"Installed {info.id} ({args.kind}) from {source} in {info.path}")
@@ -296,14 +250,16 @@ def _refuse_existing(store: Any, model_id: str, force: bool) -> None:
 
 
 def cmd_rm(config: Config, args: argparse.Namespace) -> int:
-    from conversions.store import Store, remove
+    from conversions.install import remove
+    from engine.store import Store
 
     print(f"Removed {remove(Store(config.home), args.model)}")
     return 0
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    from conversions.store import ModelMissing, Store, verify
+    from engine.store import ModelMissing, Store
+    from engine.store.manifest import verify
 
     directory = Store(config.home).path(args.model)
     if not directory.is_dir():
@@ -341,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.captureWarnings(True)
     if args.command in COMMANDS:
         return COMMANDS[args.command](config)
-    from conversions.store import ConversionError, ModelMissing, StoreError
+    from conversions.common import ConversionError
+    from engine.store import ModelMissing, StoreError
 
     try:
         return MODEL_COMMANDS[args.command](config, args)

@@ -11,12 +11,12 @@ import json
 import os
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-Service = Literal["chat", "embeddings", "stt"]
-SERVICES: tuple[Service, ...] = get_args(Service)
+from engine.store.catalog import DEFAULT_IDS, SERVICES, Service
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
@@ -27,35 +27,62 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or unsafe."""
 
 
+def setting(default: Any, help: str, *, flag: str | None = None, path: bool = False) -> Any:
+    """A configuration field: its default and help text, from which the `mlxd serve` flag, the
+    `MLXD_*` variable, the TOML key, the agent's plist arguments and the README table are made.
+    `flag` overrides the flag name (a boolean's flag sets the opposite of its default); `path`
+    marks a value that may be a filesystem path (made absolute for the launchd agent)."""
+    metadata = {"help": help, "flag": flag, "path": path}
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class Config:
-    host: str = "127.0.0.1"
-    chat_port: int = 8080
-    embeddings_port: int = 8081
-    stt_port: int = 8082
-    only: tuple[Service, ...] = SERVICES
-    chat_model: str = "gemma-4-e4b"
-    embeddings_model: str = "bge-base-zh"
-    stt_model: str = "whisper-large-v3-turbo"
-    home: Path = field(default_factory=lambda: default_home())
-    api_key: str | None = None
-    allowed_hosts: tuple[str, ...] = ()
-    cors_origins: tuple[str, ...] = ()
-    strict_model: bool = False
-    queue_size: int = 64
-    chat_max_body_mb: int = 64
-    embeddings_max_body_mb: int = 16
-    stt_max_body_mb: int = 512
-    embeddings_max_inputs: int = 2048
-    embeddings_batch_tokens: int = 16384
-    embeddings_batching: bool = True
-    embeddings_truncate: bool = False
-    stt_language: str = "auto"
-    stt_time_limit_factor: float = 3.0
-    chat_allow_image_urls: bool = False
-    chat_parallel: int = 4
-    shutdown_timeout: float = 10.0
-    log_level: str = "INFO"
+    host: str = setting("127.0.0.1", "address to bind; a non-loopback address needs --api-key")
+    chat_port: int = setting(8080, "chat service port")
+    embeddings_port: int = setting(8081, "embeddings service port")
+    stt_port: int = setting(8082, "speech-to-text service port")
+    only: tuple[Service, ...] = setting(SERVICES, "comma-separated services to run")
+    chat_model: str = setting(
+        DEFAULT_IDS["chat"], "chat model: a store id or a local MLX model directory", path=True
+    )
+    embeddings_model: str = setting(
+        DEFAULT_IDS["embeddings"], "embeddings model: a store id or a local directory", path=True
+    )
+    stt_model: str = setting(
+        DEFAULT_IDS["stt"], "speech-to-text model: a store id or a local directory", path=True
+    )
+    home: Path = setting(lambda: default_home(), "model store and data directory", path=True)
+    api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on all but /health")
+    allowed_hosts: tuple[str, ...] = setting((), "extra Host header names to accept")
+    cors_origins: tuple[str, ...] = setting((), "origins that get CORS headers ('*': any)")
+    strict_model: bool = setting(False, "answer 404 to a request naming another model")
+    queue_size: int = setting(64, "requests queued per service before 503 Retry-After")
+    chat_max_body_mb: int = setting(64, "largest chat request body, MiB")
+    embeddings_max_body_mb: int = setting(16, "largest embeddings request body, MiB")
+    stt_max_body_mb: int = setting(512, "largest speech upload, MiB")
+    embeddings_max_inputs: int = setting(2048, "inputs per embeddings request")
+    embeddings_batch_tokens: int = setting(16384, "tokens per embeddings forward pass")
+    embeddings_batching: bool = setting(
+        True,
+        "batch embeddings requests together (the flag turns it off, for comparison)",
+        flag="--embeddings-no-batching",
+    )
+    embeddings_truncate: bool = setting(False, "truncate over-long inputs instead of a 400")
+    stt_language: str = setting("auto", "language when a request names none (auto: detect)")
+    stt_time_limit_factor: float = setting(
+        3.0, "speech time limit: seconds per audio second, at least 60 s (0: none)"
+    )
+    chat_allow_image_urls: bool = setting(
+        False,
+        "let chat fetch http(s) image URLs (off: base64 data: URLs only)",
+        flag="--allow-image-urls",
+    )
+    chat_parallel: int = setting(4, "chat replies generated at once")
+    shutdown_timeout: float = setting(10.0, "seconds to finish work on SIGTERM")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
     def port(self, service: Service) -> int:
         return getattr(self, f"{service}_port")
@@ -111,7 +138,7 @@ def _parse_bool(value: Any) -> bool:
 def _coerce(name: str, value: Any) -> Any:
     kind = _fields()[name].type
     try:
-        if name in ("only", "allowed_hosts", "cors_origins"):
+        if kind.startswith("tuple"):
             return _split_list(value)
         if name == "home":
             return Path(str(value)).expanduser()
@@ -206,3 +233,79 @@ def load_config(
     merged = {**file_values, **env_values}
     merged.update({k: v for k, v in flags.items() if v is not None})
     return build_config(merged)
+
+
+# ---- flags, environment and docs, all made from the Config fields -----------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One `mlxd serve` flag, made from a Config field."""
+
+    name: str  # "--chat-port"
+    dest: str  # the Config field
+    help: str
+    switch: bool  # takes no value: sets `const`
+    const: Any
+    path: bool
+
+    @property
+    def env(self) -> str:
+        return f"MLXD_{self.dest.upper()}"
+
+    def default_text(self) -> str:
+        if self.dest == "home":
+            return "$MLXD_HOME, else the platform's data dir"
+        default = _fields()[self.dest].default
+        if isinstance(default, tuple):
+            return ",".join(default) or "none"
+        return "none" if default is None else str(default).lower() if self.switch else str(default)
+
+
+def serve_flags() -> list[Flag]:
+    flags = []
+    for f in dataclasses.fields(Config):
+        switch = "bool" in str(f.type)
+        name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        const = (not f.default) if switch else None
+        flags.append(Flag(name, f.name, f.metadata["help"], switch, const, f.metadata["path"]))
+    return flags
+
+
+def add_serve_flags(parser: Any) -> None:
+    """Add every serve flag to an argparse parser (values default to None: unset)."""
+    for flag in serve_flags():
+        help_text = f"{flag.help} (default: {flag.default_text()}; env {flag.env})"
+        if flag.switch:
+            parser.add_argument(
+                flag.name, dest=flag.dest, action="store_const", const=flag.const, help=help_text
+            )
+        else:
+            parser.add_argument(flag.name, dest=flag.dest, default=None, help=help_text)
+
+
+def serve_args(values: dict[str, Any], absolute: Callable[[str], str]) -> list[str]:
+    """The serve flags that reproduce `values` (parsed flags; None: unset); `absolute` maps a
+    value of a path-like field (a directory, or a store id left as it is)."""
+    out: list[str] = []
+    for flag in serve_flags():
+        value = values.get(flag.dest)
+        if value is None:
+            continue
+        if flag.switch:
+            out.append(flag.name)
+        else:
+            text = ",".join(value) if isinstance(value, list | tuple) else str(value)
+            out += [flag.name, absolute(text) if flag.path else text]
+    return out
+
+
+def flags_markdown() -> str:
+    """The README's table of serve flags."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for flag in serve_flags():
+        value = "" if flag.switch else " " + flag.dest.split("_")[-1].upper()
+        rows.append(
+            f"| `{flag.name}{value}` | `{flag.env}` | {flag.default_text()} | {flag.help} |"
+        )
+    return "\n".join(rows)

@@ -14,8 +14,10 @@ import sys
 import threading
 import time
 
-from engine.config import SERVICES, Config
-from engine.server import create_app
+from engine import services
+from engine.app import create_app
+from engine.config import Config
+from engine.store.catalog import SERVICES
 
 CONFIG_ENV = "MLXD_SERVICE_CONFIG"
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(config.log_level, service)
     sock = socket.socket(fileno=fd)
     exit_with_parent()
-    app = create_app(service, config)
+    app = create_app(services.spec(service), config)
     app.run(sock=sock, single_process=True, access_log=False, motd=False, verbosity=0)
     return 0
 

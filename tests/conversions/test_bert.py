@@ -15,7 +15,7 @@ import pytest
 
 from conversions import bert
 from conversions.store import ConversionError
-from engine.runners.embeddings import EmbeddingsRunner
+from engine.embeddings.runner import EmbeddingsRunner
 from tests.real_weights import (
     MINILM_SENTENCES,
     minilm_cls_embeddings,

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from conversions import gemma  # noqa: E402
 from conversions.store import ConversionError  # noqa: E402
-from engine.runners.chat import ChatParams, ChatRunner, PreparedPrompt  # noqa: E402
+from engine.chat.runner import ChatParams, ChatRunner, PreparedPrompt  # noqa: E402
 from tests.real_weights import gemma3_270m_gguf  # noqa: E402
 from tests.tiny.gemma4 import build_gemma4_hf  # noqa: E402
 

@@ -20,7 +20,7 @@ import pytest
 
 from conversions import whisper as conv
 from conversions.store import ConversionError
-from engine.runners.speech import SpeechRunner
+from engine.speech.runner import SpeechRunner
 from tests.conftest import require_tool
 from tests.tiny import whisper as tiny
 

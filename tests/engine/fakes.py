@@ -13,7 +13,7 @@ import numpy as np
 from conversions.store import ModelInfo
 from engine.config import Config
 from engine.routes import chat, embeddings, stt
-from engine.server import ServiceSpec
+from engine.app import ServiceSpec
 
 
 class FakeEmbeddings:
@@ -101,7 +101,7 @@ class FakeChat:
         return self.script[token - 100] if 0 <= token - 100 < len(self.script) else f"<{token}>"
 
     def generate(self, prompt, params, is_cancelled):
-        from engine.runners.chat_types import StopMatcher
+        from engine.chat.types import StopMatcher
 
         self.calls[-1]["params"] = params
         stops = StopMatcher(params.stop)

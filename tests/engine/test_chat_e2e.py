@@ -49,7 +49,7 @@ def _candidates(tokenizer, steps, prompt_ids: list[int]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def marker_model(tiny_gemma4: Path, tmp_path_factory) -> tuple[Path, Script]:
-    from engine.runners.chat import ChatParams, ChatRunner
+    from engine.chat.runner import ChatParams, ChatRunner
     from tests.tiny.gemma4 import swap_token_ids
 
     runner = ChatRunner.load(tiny_gemma4, "tiny")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.routes.chat_output import Delta, OutputParser, parse_tool_calls
+from engine.chat.output import Delta, OutputParser, parse_tool_calls
 
 RAW = (
     "<|channel>thought\nThe user says hi 你好 😀<channel|>Hello <turn|>there"

@@ -11,8 +11,8 @@ import pytest
 from engine.config import Config
 from engine.errors import InvalidRequest, ServerError
 from engine.routes import chat
-from engine.routes.chat_request import ChatRequest
-from engine.scheduler import ModelWorker
+from engine.chat.request import ChatRequest
+from engine.modelthread import ModelWorker
 from tests.engine.fakes import FakeChat
 
 

@@ -12,7 +12,7 @@ from engine.config import Config
 from engine.errors import InvalidRequest
 from engine.routes import embeddings
 from engine.routes.embeddings import EmbedRequest, embed_batch
-from engine.scheduler import Cancelled, Job, ModelWorker
+from engine.modelthread import Cancelled, Job, ModelWorker
 from tests.engine.fakes import FakeEmbeddings
 
 

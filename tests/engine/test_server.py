@@ -15,7 +15,7 @@ from sanic import Sanic
 from sanic_testing.reusable import ReusableClient
 
 from engine.config import build_config
-from engine.server import create_app
+from engine.app import create_app
 from tests.engine.fakes import fake_model_dir, fake_spec
 from tests.serving import free_port
 

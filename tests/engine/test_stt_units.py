@@ -25,8 +25,8 @@ from engine.routes.stt import (
     to_vtt,
     wrap,
 )
-from engine.scheduler import Cancelled, ModelWorker
-from engine.server import create_app
+from engine.modelthread import Cancelled, ModelWorker
+from engine.app import create_app
 from tests.engine.fakes import FakeSpeech, fake_model_dir, fake_spec
 from tests.serving import free_port
 

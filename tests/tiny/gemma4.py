@@ -15,29 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.chat.gemma_tokens import GEMMA4_SPECIALS
+
 # Gemma 4 ids 0..4 are <pad> <eos> <bos> <unk> <mask>; the control tokens follow.
 BASE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
-CONTROL_TOKENS = (
-    "<|turn>",
-    "<turn|>",
-    "<|image>",
-    "<image|>",
-    "<|image|>",
-    "<|audio>",
-    "<audio|>",
-    "<|audio|>",
-    "<|video|>",
-    "<|think|>",
-    "<|channel>",
-    "<channel|>",
-    "<|tool>",
-    "<tool|>",
-    "<|tool_call>",
-    "<tool_call|>",
-    "<|tool_response>",
-    "<tool_response|>",
-    '<|"|>',
-)
+CONTROL_TOKENS = GEMMA4_SPECIALS
 SPECIAL_TOKENS = BASE_SPECIALS + CONTROL_TOKENS
 
 EXTRA_SPECIAL_TOKENS = {

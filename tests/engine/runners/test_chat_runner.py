@@ -13,7 +13,7 @@ pytest.importorskip("mlx_vlm")
 
 from PIL import Image  # noqa: E402
 
-from engine.runners.chat import (  # noqa: E402
+from engine.chat.runner import (  # noqa: E402
     ChatParams,
     ChatRunner,
     ChatStep,

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine.runners.embeddings import EmbeddingsRunner, read_pooling
+from engine.embeddings.runner import EmbeddingsRunner, read_pooling
 from tests.tiny.bert import build_bge_hf, build_bge_mlx
 
 TEXTS = [

@@ -35,19 +35,23 @@ from mlx_lm.utils import load as lm_load
 from mlx_vlm.generate import generate_step
 from mlx_vlm.utils import load as vlm_load
 
-from engine.runners.chat_types import (  # noqa: F401 - re-exported
-    JSON_OPTIONS,
-    ChatParams,
-    ChatStep,
-    Constraint,
-    PromptTooLongError,
-    StopMatcher,
+from engine.chat.constraint import AnswerConstraint, json_grammar, tool_call_grammar
+from engine.chat.gemma_tokens import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    TURN_CLOSE,
 )
+from engine.chat.types import ChatParams, ChatStep, Constraint, PromptTooLongError, StopMatcher
+from engine.jsonfile import read_json
+
+
+def _json(path: Path) -> dict:
+    return read_json(path) or {}
+
 
 REPLACEMENT_CHAR = "\ufffd"
-TURN_END_TOKEN = "<turn|>"
-THINK_OPEN_TOKEN, THINK_CLOSE_TOKEN = "<|channel>", "<channel|>"
-TOOL_OPEN_TOKEN, TOOL_CLOSE_TOKEN = "<|tool_call>", "<tool_call|>"
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
@@ -81,7 +85,7 @@ class ChatRunner:
         self.accepts_images = processor is not None
         self.model_dir = model_dir
         self.model_id = model_id
-        self.config = _read_json(model_dir / "config.json")
+        self.config = _json(model_dir / "config.json")
         self.context_length = _context_length(self.config)
         self.eos_token_ids = _eos_token_ids(self.config, model_dir, self.tokenizer)
         self.image_token_id = self.config.get("image_token_id")
@@ -97,7 +101,7 @@ class ChatRunner:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-        if is_text_only(_read_json(model_dir / "config.json")):
+        if is_text_only(_json(model_dir / "config.json")):
             model, wrapper = lm_load(str(model_dir))
             return cls(model, None, model_dir, model_id, tokenizer=wrapper._tokenizer)
         model, processor = vlm_load(str(model_dir))
@@ -105,7 +109,7 @@ class ChatRunner:
 
     def generation_defaults(self) -> dict:
         """Sampling defaults from generation_config.json (Gemma 4: 1.0 / 0.95 / 64)."""
-        gen = _read_json(self.model_dir / "generation_config.json") or self.config.get(
+        gen = _json(self.model_dir / "generation_config.json") or self.config.get(
             "generation_config", {}
         )
         out = dict(FALLBACK_DEFAULTS)
@@ -246,8 +250,8 @@ class ChatRunner:
         return [
             AnswerConstraint(
                 self._llg_matcher(fmt),
-                think_open=self._token_id(THINK_OPEN_TOKEN) if fmt.after_thinking else None,
-                think_close=self._token_id(THINK_CLOSE_TOKEN),
+                think_open=self._token_id(THINK_OPEN) if fmt.after_thinking else None,
+                think_close=self._token_id(THINK_CLOSE),
                 eos_ids=self.eos_token_ids,
             )
         ]
@@ -261,7 +265,7 @@ class ChatRunner:
                 self.tokenizer, eos_token=sorted(self.eos_token_ids)
             )
         if fmt.tools:
-            marks = (self._token_id(TOOL_OPEN_TOKEN), self._token_id(TOOL_CLOSE_TOKEN))
+            marks = (self._token_id(TOOL_CALL_OPEN), self._token_id(TOOL_CALL_CLOSE))
             if None in marks:
                 raise ValueError("this model has no tool-call tokens")
             grammar = tool_call_grammar(fmt.tools, *marks)
@@ -319,93 +323,7 @@ class ChatRunner:
         return detok
 
 
-def json_grammar(schema: str | None) -> str:
-    """The llguidance grammar of a JSON schema (None: any JSON object); pure, no MLX."""
-    import llguidance
-
-    text = schema if schema is not None else '{"type": "object"}'
-    return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
-
-
-def tool_call_grammar(tools: tuple[tuple[str, str], ...], open_id: int, close_id: int) -> str:
-    """A Lark grammar for one ``<|tool_call>call:NAME{json args}<tool_call|>``."""
-    import llguidance
-
-    def call(name: str, schema: str) -> str:
-        body = json.loads(schema) if schema else {}
-        body = body if isinstance(body, dict) and body else {"type": "object"}
-        body = {**body, "x-guidance": JSON_OPTIONS}
-        return f"{json.dumps(name)} %json {json.dumps(body)}"
-
-    choices = " | ".join(call(name, schema) for name, schema in tools)
-    lark = f'start: <[{open_id}]> "call:" ({choices}) <[{close_id}]>\n'
-    return llguidance.LLMatcher.grammar_from_lark(lark)
-
-
-class AnswerConstraint:
-    """A logits processor that keeps the answer inside an llguidance grammar.
-
-    Called once per generated token, before sampling; the token sampled last is the last
-    entry of ``tokens`` from the second call on. With ``think_open`` set, the model may first
-    write a whole ``<|channel>...<channel|>`` block unconstrained; the grammar applies after.
-    """
-
-    def __init__(
-        self,
-        matcher: Any,
-        *,
-        think_open: int | None,
-        think_close: int | None,
-        eos_ids: frozenset[int],
-    ) -> None:
-        self.matcher = matcher
-        self.think_open, self.think_close = think_open, think_close
-        self.eos_ids = sorted(eos_ids)
-        self.state = "start"  # -> "thinking" -> "answer", or "start" -> "answer"
-        self.calls = 0
-
-    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self.calls:
-            self._consume(int(tokens.reshape(-1)[-1].item()))
-        self.calls += 1
-        if self.state == "thinking":
-            return logits
-        allowed = self._allowed(logits.shape[-1])
-        if self.state == "start" and self.think_open is not None:
-            allowed[self.think_open] = True
-        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
-
-    def _consume(self, token: int) -> None:
-        if self.state == "start" and token == self.think_open:
-            self.state = "thinking"
-        elif self.state == "thinking":
-            if token == self.think_close:
-                self.state = "answer"
-        else:
-            self.state = "answer"
-            self.matcher.consume_token(token)
-
-    def _allowed(self, width: int) -> Any:
-        import numpy as np
-
-        allowed = np.zeros(width, dtype=bool)
-        if self.matcher.is_error() or self.matcher.is_stopped():
-            allowed[[i for i in self.eos_ids if i < width]] = True
-            return allowed
-        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-        mask = np.unpackbits(bits, bitorder="little").astype(bool)[:width]
-        allowed[: mask.shape[0]] = mask
-        return allowed
-
-
 # ------------------------------------------------------------------ helpers
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
 
 
 def is_text_only(config: dict) -> bool:
@@ -429,10 +347,10 @@ def _as_list(value: Any) -> list[int]:
 
 
 def _eos_token_ids(config: dict, model_dir: Path, tokenizer: Any) -> frozenset[int]:
-    gen = _read_json(model_dir / "generation_config.json")
+    gen = _json(model_dir / "generation_config.json")
     ids = _as_list(config.get("eos_token_id")) + _as_list(gen.get("eos_token_id"))
     ids += _as_list(tokenizer.eos_token_id)
-    turn_end = tokenizer.convert_tokens_to_ids(TURN_END_TOKEN)
+    turn_end = tokenizer.convert_tokens_to_ids(TURN_CLOSE)
     if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id:
         ids.append(turn_end)
     return frozenset(ids)
@@ -440,7 +358,7 @@ def _eos_token_ids(config: dict, model_dir: Path, tokenizer: Any) -> frozenset[i
 
 def _detokenizer_class(model_dir: Path) -> Callable[[Any], Any]:
     """Pick mlx-lm's streaming detokenizer for the tokenizer.json decoder."""
-    decoder = _read_json(model_dir / "tokenizer.json").get("decoder") or {}
+    decoder = _json(model_dir / "tokenizer.json").get("decoder") or {}
     if decoder.get("type") == "ByteLevel":
         return BPEStreamingDetokenizer
     steps = [d.get("type") for d in decoder.get("decoders", [])]
@@ -555,3 +473,15 @@ def _template_tool_call(call: dict) -> dict:
         if isinstance(parsed, dict):
             function["arguments"] = parsed
     return {**call, "function": function}
+
+
+def smoke_test(model_dir: Path) -> None:
+    """Load as the service does and generate one token greedily (`mlxd convert` runs this)."""
+    runner = ChatRunner.load(Path(model_dir), Path(model_dir).name)
+    prompt = runner.prepare([{"role": "user", "content": "Hello"}], [])
+    params = ChatParams(
+        max_tokens=1, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=0, stop=()
+    )
+    steps = list(runner.generate(prompt, params, lambda: False))
+    if not steps or steps[-1].token is None:
+        raise RuntimeError(f"{model_dir} loaded but generated nothing")

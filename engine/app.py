@@ -1,18 +1,17 @@
 """The app factory: one Sanic app per service, with the shared middleware and error handling.
 
-Handlers parse, validate, queue and format; the model thread (engine.scheduler) runs the model.
+Handlers parse, validate, queue and format; the model thread (engine.modelthread) runs the model.
 Nothing heavy happens at import time: the model loads on the model thread after the port is up.
 """
 
 from __future__ import annotations
 
 import hmac
-import importlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import empty
 from sanic.response import json as json_response
 
-from conversions.store import DEFAULT_IDS, ModelInfo, Store
-from engine.config import LOOPBACK_HOSTS, Config, Service
+from engine.config import LOOPBACK_HOSTS, Config
 from engine.errors import (
     ApiError,
     AuthenticationError,
@@ -32,7 +30,9 @@ from engine.errors import (
     ServerError,
     status_error,
 )
-from engine.scheduler import BatchRule, ModelState, ModelWorker
+from engine.modelthread import ModelState, ModelThread, Policy
+from engine.store import ModelInfo, Store
+from engine.store.catalog import DEFAULT_IDS, Service
 
 log = logging.getLogger("mlxd.server")
 access_log = logging.getLogger("mlxd.access")
@@ -42,18 +42,13 @@ PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    """What a service module contributes: routes, how to load its runner, its job handlers."""
+    """What a service package contributes: routes, how to load its runner (model thread) and
+    the scheduling policy its model thread runs."""
 
     name: Service
     blueprint: Blueprint
     load: Callable[[ModelInfo, Config], Any]
-    handlers: dict[str, Callable] = field(default_factory=dict)
-    batch_rules: Callable[[Config], dict[str, BatchRule]] = lambda config: {}
-
-
-def service_spec(service: Service) -> ServiceSpec:
-    module = importlib.import_module(f"engine.routes.{service}")
-    return module.SPEC
+    policy: Callable[[Config], Policy]
 
 
 def served_model_id(ref: str) -> str:
@@ -93,9 +88,9 @@ def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
     return status_error(status, str(exc) or "Bad request", None)
 
 
-def create_app(service: Service, config: Config, spec: ServiceSpec | None = None) -> Sanic:
-    """The app for one service; `spec` defaults to the service module's own."""
-    spec = spec or service_spec(service)
+def create_app(spec: ServiceSpec, config: Config) -> Sanic:
+    """The app for one service."""
+    service = spec.name
     app = Sanic(f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes(service)
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
@@ -130,12 +125,8 @@ def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
             model = store.resolve(app.ctx.model_ref, spec.name)
             return spec.load(model, config)
 
-        app.ctx.worker = ModelWorker(
-            spec.name,
-            load,
-            spec.handlers,
-            queue_size=config.queue_size,
-            batch_rules=spec.batch_rules(config),
+        app.ctx.worker = ModelThread(
+            spec.name, load, spec.policy(config), queue_size=config.queue_size
         )
         app.ctx.worker.start()
 
@@ -215,7 +206,7 @@ def common_routes() -> Blueprint:
     @bp.get("/health")
     @bp.get("/v1/health", name="health_v1")
     async def health(request: Request) -> HTTPResponse:
-        worker: ModelWorker = request.app.ctx.worker
+        worker: ModelThread = request.app.ctx.worker
         if worker.state is ModelState.READY:
             return json_response({"status": "ok"})
         if worker.state is ModelState.LOADING:

@@ -1,16 +1,25 @@
-"""The models `mlxd pull` knows by a short id."""
+"""The services, their default model ids, and the models `mlxd pull` knows by a short id."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-from conversions.store import Kind
+Service = Literal["chat", "embeddings", "stt"]
+SERVICES: tuple[Service, ...] = get_args(Service)
+
+# Each service serves this id unless told otherwise, and also answers to it as an alias.
+DEFAULT_IDS: dict[Service, str] = {
+    "chat": "gemma-4-e4b",
+    "embeddings": "bge-base-zh",
+    "stt": "whisper-large-v3-turbo",
+}
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
     id: str
-    kind: Kind
+    kind: Service
     repo: str
     quantization: int | None
     dtype: str
@@ -103,5 +112,5 @@ CATALOG: dict[str, CatalogEntry] = {
     ]
 }
 
-DEFAULT_QUANTIZATION: dict[Kind, int | None] = {"chat": 4, "embeddings": None, "stt": None}
-DEFAULT_DTYPE: dict[Kind, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}
+DEFAULT_QUANTIZATION: dict[Service, int | None] = {"chat": 4, "embeddings": None, "stt": None}
+DEFAULT_DTYPE: dict[Service, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}

@@ -5,7 +5,7 @@ The model is loaded once from a local directory (never the hub) and handed to
 
 - before every 30 s window is decoded (and before every temperature-fallback retry) it calls the
   request's `on_window` hook: cancellation, the time limit, and running other queued requests
-  between windows (engine.scheduler.Job.yield_to_queue) all happen there;
+  between windows (the `on_window` hook, engine.speech.decode) all happen there;
 - it encodes each window once: mlx-whisper runs the encoder again for every fallback
   temperature, for word timestamps and (on long audio) for language detection. Same inputs,
   same results, fewer encoder passes;
@@ -30,7 +30,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-SAMPLE_RATE = 16_000
+from engine.audio import SAMPLE_RATE
+
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # mlx-whisper 0.4.3 raises NotImplementedError for beam search: decode greedily instead.
 _UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
@@ -291,3 +292,37 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def smoke_test(model_dir: Path) -> None:
+    """Load as the service does, then run the encoder and one decoder step on 1 s of silence
+    (`mlxd convert` runs this). The encoder sees just that second (50 positions, not a padded
+    30 s window): every layer and kernel still runs, at 1/30 of the cost."""
+    from mlx_whisper.audio import log_mel_spectrogram
+    from mlx_whisper.load_models import load_model
+
+    model_dir = Path(model_dir)
+    compute = mx.float32 if weights_dtype(model_dir) == mx.float32 else mx.float16
+    model = load_model(str(model_dir), dtype=compute)
+    mel = log_mel_spectrogram(mx.zeros((SAMPLE_RATE,)), n_mels=model.dims.n_mels)[:100]
+    features = _encode_short(model, mel.astype(compute)[None])
+    sot = 50258 if model.is_multilingual else 50257
+    logits = model.logits(mx.array([[sot]]), features)
+    mx.eval(logits)
+    if logits.shape != (1, 1, model.dims.n_vocab):
+        raise ValueError(f"smoke test: logits have shape {logits.shape}")
+    if not bool(mx.all(mx.isfinite(logits)).item()):
+        raise ValueError("smoke test: the decoder produced non-finite logits")
+
+
+def _encode_short(model: Any, mel: mx.array) -> mx.array:
+    """The encoder on fewer frames than a full window (positions sliced to match)."""
+    encoder = model.encoder
+    full = encoder._positional_embedding
+    encoder._positional_embedding = full[: mel.shape[1] // 2]
+    try:
+        features = encoder(mel)
+        mx.eval(features)
+    finally:
+        encoder._positional_embedding = full
+    return features

@@ -15,38 +15,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-THINK_OPEN, THINK_CLOSE = "<|channel>", "<channel|>"
-TOOL_OPEN, TOOL_CLOSE = "<|tool_call>", "<tool_call|>"
-STRING_DELIM = '<|"|>'
-CHANNEL_NAME = "thought"
-# Control tokens that never reach the client (the thinking and tool markers are handled apart).
-CONTROL_TOKENS = (
-    "<bos>",
-    "<eos>",
-    "<pad>",
-    "<mask>",
-    "<unk>",
-    "<|turn>",
-    "<turn|>",
-    "<|think|>",
-    "<|tool>",
-    "<tool|>",
-    "<|tool_response>",
-    "<tool_response|>",
-    "<|image>",
-    "<image|>",
-    "<|image|>",
-    "<|audio>",
-    "<audio|>",
-    "<|audio|>",
-    "<|video|>",
+from engine.chat.gemma_tokens import (
+    CHANNEL_NAME,
+    HIDDEN,
     STRING_DELIM,
-    "<start_of_turn>",
-    "<end_of_turn>",
-    "<start_of_image>",
-    "<end_of_image>",
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
 )
-MARKERS = (THINK_OPEN, THINK_CLOSE, TOOL_OPEN, TOOL_CLOSE, *CONTROL_TOKENS)
+
+MARKERS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE, *HIDDEN)
 
 
 @dataclass
@@ -126,8 +105,8 @@ class OutputParser:
 
     def _next_marker(self) -> tuple[int, str | None]:
         if self.mode == "tool":
-            at = self.pending.find(TOOL_CLOSE)
-            return (at, TOOL_CLOSE) if at >= 0 else (-1, None)
+            at = self.pending.find(TOOL_CALL_CLOSE)
+            return (at, TOOL_CALL_CLOSE) if at >= 0 else (-1, None)
         best, found = len(self.pending), None
         for marker in MARKERS:
             at = self.pending.find(marker)
@@ -169,11 +148,11 @@ class OutputParser:
             if self.head:
                 self._flush_head(out, final=True)
             self.mode = "content"
-        elif marker == TOOL_OPEN:
+        elif marker == TOOL_CALL_OPEN:
             self.return_mode, self.mode, self.tool_text = self.mode, "tool", ""
             if self.head:
                 self._flush_head(out, final=True)
-        elif marker == TOOL_CLOSE and self.mode == "tool":
+        elif marker == TOOL_CALL_CLOSE and self.mode == "tool":
             self._close_tool(out, complete=True)
         # every other control token is dropped
 

@@ -6,6 +6,7 @@ model thread; nothing in this module imports MLX.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -15,12 +16,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from sanic import Request
+
+from engine.chat.types import Constraint
 from engine.errors import ApiError, InvalidRequest
-from engine.runners.chat_types import Constraint
 from engine.validation import (
     optional_bool,
     optional_number,
     optional_object,
+    required,
     wrong_type,
 )
 
@@ -334,7 +338,7 @@ def parse_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]]) -> str 
 def _schema_text(schema: Any, param: str) -> str:
     import llguidance
 
-    from engine.runners.chat_types import JSON_OPTIONS
+    from engine.chat.types import JSON_OPTIONS
 
     if not isinstance(schema, dict):
         raise wrong_type(param, "a JSON schema object", schema)
@@ -397,3 +401,30 @@ def build_constraint(
     if response_format is False:
         return None
     return Constraint(json_schema=response_format, after_thinking=after_thinking)
+
+
+async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
+    messages, refs = parse_messages(required(body, "messages"))
+    check_n(body)
+    tools = parse_tools(body)
+    choice = parse_tool_choice(body, tools)
+    thinking = parse_thinking(body)
+    constraint = build_constraint(parse_response_format(body), tools, choice, thinking)
+    chat = ChatRequest(
+        messages=messages,
+        images=[],
+        sampling=parse_sampling(body),
+        max_tokens=parse_max_tokens(body),
+        stop=parse_stop(body.get("stop")),
+        enable_thinking=thinking,
+        tools=tools if tools and choice != "none" else None,
+        parse_tools=bool(tools) and choice != "none",
+        constraint=constraint,
+        logprobs=parse_logprobs(body),
+        image_refs=refs,
+    )
+    allow = request.app.ctx.config.chat_allow_image_urls
+    loop = asyncio.get_running_loop()
+    for ref in refs:
+        chat.images.append(await loop.run_in_executor(None, decode_image, ref, allow))
+    return chat

@@ -1,8 +1,9 @@
-"""Plain data the chat route and the chat runner exchange (no MLX: cheap to import)."""
+"""Plain data the chat handler, decode loop and runner exchange (no MLX: cheap to import)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 # llguidance JSON options: compact separators, no free whitespace (a model cannot pad forever).
 JSON_OPTIONS = {
@@ -94,3 +95,28 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self.stops):
                 return k
         return 0
+
+
+# ---- events from the decode loop to the handler --------------------------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+    reasoning_open: bool = False  # the rendered prompt ends inside a thought channel
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    token: int | None
+    logprob: dict[str, Any] | None = None
+
+
+@dataclass
+class ChatOutcome:
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_ms: float = 0.0
+    predicted_ms: float = 0.0

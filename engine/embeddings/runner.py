@@ -10,14 +10,15 @@ sentence-transformers' `1_Pooling/config.json`, else CLS (bge's).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from engine.config import Config
+from engine.jsonfile import read_json
+
 POOLINGS = ("cls", "mean", "last")
-MAX_BATCH_TOKENS = 16_384  # padded tokens per forward pass; bounds attention memory
 _ST_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_mean_tokens": "mean",
@@ -27,26 +28,19 @@ _ST_POOLING_KEYS = {
 
 def read_pooling(model_dir: Path) -> tuple[str, bool]:
     """(pooling, normalize) recorded for the model; ("cls", True) when nothing says otherwise."""
-    config = _read_json(model_dir / "config.json") or {}
+    config = read_json(model_dir / "config.json") or {}
     if "mlxd_pooling" in config:
         pooling = str(config["mlxd_pooling"])
         if pooling not in POOLINGS:
             raise ValueError(f"unsupported mlxd_pooling {pooling!r} in {model_dir}/config.json")
         return pooling, bool(config.get("mlxd_normalize", True))
-    st = _read_json(model_dir / "1_Pooling" / "config.json")
+    st = read_json(model_dir / "1_Pooling" / "config.json")
     if st:
         modes = [mode for key, mode in _ST_POOLING_KEYS.items() if st.get(key)]
         if len(modes) != 1:
             raise ValueError(f"unsupported sentence-transformers pooling in {model_dir}: {st}")
         return modes[0], True
     return "cls", True
-
-
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    with path.open(encoding="utf-8") as f:
-        return json.load(f)
 
 
 class EmbeddingsRunner:
@@ -61,19 +55,23 @@ class EmbeddingsRunner:
         model_id: str,
         pooling: str,
         normalize: bool = True,
+        batch_tokens: int = Config.embeddings_batch_tokens,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.pooling = pooling
         self.normalize = normalize
+        self.batch_tokens = batch_tokens  # padded tokens per forward pass: bounds memory
         self.hidden_size = int(config["hidden_size"])
         self._vocab_size = int(config["vocab_size"])
         self.max_tokens = _max_tokens(config, tokenizer)
         self.pad_id = int(getattr(tokenizer, "pad_token_id", None) or 0)
 
     @classmethod
-    def load(cls, model_dir: Path, model_id: str) -> EmbeddingsRunner:
+    def load(
+        cls, model_dir: Path, model_id: str, *, batch_tokens: int = Config.embeddings_batch_tokens
+    ) -> EmbeddingsRunner:
         """Load weights and tokenizer from an existing local directory (never the hub)."""
         from mlx_embeddings.utils import load_config, load_model
         from transformers import AutoTokenizer
@@ -91,6 +89,7 @@ class EmbeddingsRunner:
             model_id=model_id,
             pooling=pooling,
             normalize=normalize,
+            batch_tokens=batch_tokens,
         )
         runner.embed(runner.tokenize(["warm up"]))
         return runner
@@ -107,7 +106,7 @@ class EmbeddingsRunner:
         """float32 [n, hidden]: pooled (and normalised) embeddings, in input order."""
         self._check(token_lists)
         out = np.empty((len(token_lists), self.hidden_size), dtype=np.float32)
-        for idx in _length_batches(token_lists, MAX_BATCH_TOKENS):
+        for idx in _length_batches(token_lists, self.batch_tokens):
             out[idx] = self._embed_batch([token_lists[i] for i in idx])
         return out
 
@@ -169,3 +168,15 @@ def _length_batches(token_lists: list[list[int]], max_tokens: int) -> list[list[
     if current:
         batches.append(current)
     return batches
+
+
+def smoke_test(model_dir: Path) -> None:
+    """Load as the service does and embed one short text (`mlxd convert` runs this)."""
+    runner = EmbeddingsRunner.load(Path(model_dir), Path(model_dir).name)
+    vectors = runner.embed(runner.tokenize(["mlxd smoke test: 你好, world"]))
+    if vectors.shape != (1, runner.hidden_size):
+        raise ValueError(f"smoke test: embedding shape {vectors.shape} is wrong")
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("smoke test: the embedding has non-finite values")
+    if runner.normalize and abs(float(np.linalg.norm(vectors[0])) - 1.0) > 1e-3:
+        raise ValueError("smoke test: the embedding is not unit length")

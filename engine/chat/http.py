@@ -1,0 +1,68 @@
+"""Chat service (port 8080): OpenAI `POST /v1/chat/completions`.
+
+The handler validates the body (`request`), queues one job and reads its events: `Started` once
+the prompt is rendered and fits, then one `Piece` per decoded token (`decode`, on the model
+thread). Streamed and non-streamed replies run those pieces through the same OutputParser
+(`output`), which splits thinking, content and tool calls, and are shaped by `response`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from sanic import Blueprint, HTTPResponse, Request
+from sanic.response import json as json_response
+
+from engine.app import ServiceSpec, resolve_requested_model
+from engine.chat import decode
+from engine.chat.request import parse_request
+from engine.chat.response import Reply, completion_body, stream_reply
+from engine.chat.types import Started
+from engine.config import Config
+from engine.errors import InvalidRequest
+from engine.modelthread import Job
+from engine.store import ModelInfo
+from engine.validation import optional_bool, optional_object, parse_json_body
+
+bp = Blueprint("chat")
+
+
+@bp.post("/v1/chat/completions")
+@bp.post("/chat/completions", name="chat_completions_short")
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    body = parse_json_body(request)
+    model = resolve_requested_model(request, body.get("model"))
+    stream = optional_bool(body, "stream")
+    include_usage = optional_bool(optional_object(body, "stream_options"), "include_usage")
+    chat = await parse_request(request, body)
+    job = request.app.ctx.worker.submit(chat, stream=True)
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    events = job.stream()
+    started: Started = await _first_event(job, events)  # errors before generation: plain JSON
+    reply = Reply(chat, started)
+    if stream:
+        await stream_reply(request, job, events, meta, reply, include_usage)
+        return None
+    async for piece in events:
+        reply.add(piece)
+    reply.finish()
+    return json_response(completion_body(await job.result(), reply, meta))
+
+
+async def _first_event(job: Job, events: Any) -> Any:
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        await job.result()  # raises the job's error
+        raise InvalidRequest("The request ended before generation started") from None
+
+
+def load(model: ModelInfo, config: Config) -> Any:
+    from engine.chat.runner import ChatRunner
+
+    return ChatRunner.load(model.path, model.id)
+
+
+SERVICE = ServiceSpec(name="chat", blueprint=bp, load=load, policy=decode.policy)

@@ -1,0 +1,256 @@
+"""The model thread: the one thread of a service process that touches MLX.
+
+A plain mechanism. The event loop submits jobs into a bounded queue; the model thread loads the
+model, then runs the service's scheduling policy, which takes jobs from its `Inbox` and runs
+them. Results and stream events go back to the loop with `call_soon_threadsafe`; cancellation
+is a flag the policy checks between steps. The policies (chat's decode loop, embeddings'
+batches, speech's windows) live with their services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+from engine.errors import ApiError, ServerError, Unavailable
+from engine.store import ModelMissing
+
+log = logging.getLogger("mlxd.modelthread")
+
+_END = object()
+
+
+class ModelState(Enum):
+    LOADING = "loading model"
+    READY = "ok"
+    MISSING = "model missing"
+    FAILED = "model failed to load"
+
+
+class Cancelled(Exception):
+    """Raised inside a policy when its job was cancelled (client gone or shutdown)."""
+
+
+@dataclass(eq=False)
+class Job:
+    payload: Any
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    events: asyncio.Queue | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.monotonic)
+    finished: bool = False  # set on the model thread by `finish`
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise Cancelled()
+
+    def emit(self, item: Any) -> None:
+        """Send a stream event to the waiting handler (model thread side)."""
+        if self.events is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.finished = True
+        self.loop.call_soon_threadsafe(self._settle, result, error)
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        if self.events is not None:
+            self.events.put_nowait(_END)
+        if self.future.done():
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(result)
+
+    async def result(self) -> Any:
+        """Wait for the result; if the waiting request is cancelled, cancel the job too."""
+        try:
+            return await asyncio.shield(self.future)
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+
+    async def stream(self):
+        """Yield stream events until the job ends; then `result()` gives the outcome."""
+        assert self.events is not None
+        try:
+            while (item := await self.events.get()) is not _END:
+                yield item
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancel()
+            raise
+
+
+# Whether a queued job may join the jobs taken so far in one `Inbox.take` call.
+Fits = Callable[[list[Job], Job], bool]
+
+
+class Inbox(Protocol):
+    """What a policy sees of the queue (model thread only)."""
+
+    def wait(self, block: bool = True) -> bool:
+        """False once the service is stopping; with `block`, first wait for a queued job."""
+        ...
+
+    def take(self, fits: Fits | None = None, *, limit: int | None = None) -> list[Job]:
+        """Queued jobs, oldest first, that `fits` accepts (at most `limit`); they count as
+        running until finished. Cancelled jobs are finished and dropped on the way."""
+        ...
+
+
+# A service's scheduling policy: runs jobs from the inbox until `wait` returns False.
+Policy = Callable[[Any, Inbox], None]
+
+
+class ModelThread:
+    """Owns the model thread of one service process."""
+
+    def __init__(
+        self, name: str, load: Callable[[], Any], policy: Policy, *, queue_size: int
+    ) -> None:
+        self.name = name
+        self._load = load
+        self._policy = policy
+        self.queue_size = queue_size
+        self.state = ModelState.LOADING
+        self.message = "Loading model"
+        self.runner: Any = None
+        self._queue: deque[Job] = deque()
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._main, name=f"mlxd-model-{name}", daemon=True)
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return self._pending()
+
+    def _pending(self) -> int:
+        return len(self._queue) + sum(not job.finished for job in self._running)
+
+    def ensure_ready(self) -> None:
+        if self.state is ModelState.LOADING:
+            raise Unavailable("Loading model", code="model_loading", headers={"Retry-After": "5"})
+        if self.state is not ModelState.READY:
+            raise Unavailable(self.message, code="model_unavailable")
+
+    def submit(self, payload: Any, *, stream: bool = False) -> Job:
+        self.ensure_ready()
+        loop = asyncio.get_running_loop()
+        job = Job(payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("Server is shutting down", code="shutting_down")
+            if self._pending() >= self.queue_size:
+                raise Unavailable(
+                    f"Server busy: {self.queue_size} requests are already queued; retry shortly",
+                    code="queue_full",
+                    headers={"Retry-After": "1"},
+                )
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    def stop(self, timeout: float) -> None:
+        """Cancel queued and running work and wait (bounded) for the model thread to finish."""
+        with self._cond:
+            self._stopping = True
+            for job in [*self._queue, *self._running]:
+                job.cancel()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # ---- model-thread side (the Inbox) -----------------------------------------------------
+
+    def wait(self, block: bool = True) -> bool:
+        with self._cond:
+            while block and not self._queue and not self._stopping:
+                self._cond.wait()
+            return not self._stopping
+
+    def take(self, fits: Fits | None = None, *, limit: int | None = None) -> list[Job]:
+        taken: list[Job] = []
+        with self._cond:
+            self._running = [job for job in self._running if not job.finished]
+            if self._stopping:
+                return taken
+            for job in list(self._queue):
+                if limit is not None and len(taken) >= limit:
+                    break
+                if job.cancelled:
+                    self._queue.remove(job)
+                    job.finish(error=Cancelled())
+                elif fits is None or fits(taken, job):
+                    self._queue.remove(job)
+                    taken.append(job)
+            self._running += taken
+        return taken
+
+    # ---- model-thread main -------------------------------------------------------------------
+
+    def _main(self) -> None:
+        if not self._load_model():
+            return
+        while self.wait(block=False):
+            try:
+                self._policy(self.runner, self)
+            except BaseException as exc:  # noqa: BLE001 - reported to the running requests
+                self._fail_running(as_client_error(exc, self.name))
+        self._fail_running(Unavailable("Server is shutting down", code="shutting_down"))
+        with self._cond:
+            for job in self._queue:
+                job.finish(error=Unavailable("Server is shutting down", code="shutting_down"))
+            self._queue.clear()
+
+    def _fail_running(self, error: BaseException) -> None:
+        with self._cond:
+            running, self._running = self._running, []
+        for job in running:
+            if not job.finished:
+                job.finish(error=error)
+
+    def _load_model(self) -> bool:
+        started = time.monotonic()
+        try:
+            self.runner = self._load()
+        except ModelMissing as exc:
+            self.state, self.message = ModelState.MISSING, str(exc)
+        except Exception as exc:  # any load failure must leave the service up and explaining
+            log.exception("%s: model failed to load", self.name)
+            self.state, self.message = ModelState.FAILED, f"Model failed to load: {exc}"
+        else:
+            self.state, self.message = ModelState.READY, "ok"
+            log.info("%s: model ready in %.1f s", self.name, time.monotonic() - started)
+            return True
+        log.error("%s: %s", self.name, self.message)
+        return False
+
+
+def as_client_error(exc: BaseException, name: str) -> BaseException:
+    """What the waiting request is told: API errors as they are, anything else a logged 500."""
+    if isinstance(exc, ApiError | Cancelled):
+        return exc
+    log.exception("%s: request failed", name, exc_info=exc)
+    return ServerError(f"Internal error while running the model: {type(exc).__name__}: {exc}")

@@ -1,0 +1,66 @@
+"""`manifest.json`: where a model came from and the sha256 of every file (one schema for all)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from engine.jsonfile import read_json
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file below `directory`, except the manifest itself."""
+    table = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel != MANIFEST:
+            table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return table
+
+
+def write_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
+    files = file_table(directory)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        **fields,
+        "size_bytes": sum(entry["size"] for entry in files.values()),
+        "files": files,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest
+
+
+def verify(directory: Path) -> list[str]:
+    """Every difference between the files on disk and the manifest; empty when they match."""
+    manifest = read_json(directory / MANIFEST)
+    if manifest is None:
+        return [f"{directory} has no {MANIFEST}"]
+    expected: dict[str, dict[str, Any]] = manifest.get("files", {})
+    actual = file_table(directory)
+    problems = [f"missing file: {name}" for name in sorted(set(expected) - set(actual))]
+    problems += [f"unexpected file: {name}" for name in sorted(set(actual) - set(expected))]
+    for name in sorted(set(expected) & set(actual)):
+        if expected[name]["sha256"] != actual[name]["sha256"]:
+            problems.append(f"checksum mismatch: {name}")
+    return problems
+
+
+def source_digest(source: Path) -> str:
+    """sha256 of a source file, or of the file table of a source directory."""
+    if source.is_file():
+        return sha256_file(source)
+    table = json.dumps(file_table(source), sort_keys=True).encode()
+    return hashlib.sha256(table).hexdigest()
