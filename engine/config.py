@@ -40,6 +40,7 @@ def setting(default: Any, help: str, *, flag: str | None = None, path: bool = Fa
 
 @dataclass(frozen=True)
 class Config:
+    home: Path = setting(lambda: default_home(), "model store and data directory", path=True)
     host: str = setting("127.0.0.1", "address to bind; a non-loopback address needs --api-key")
     chat_port: int = setting(8080, "chat service port")
     embeddings_port: int = setting(8081, "embeddings service port")
@@ -54,7 +55,6 @@ class Config:
     stt_model: str = setting(
         DEFAULT_IDS["stt"], "speech-to-text model: a store id or a local directory", path=True
     )
-    home: Path = setting(lambda: default_home(), "model store and data directory", path=True)
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on all but /health")
     allowed_hosts: tuple[str, ...] = setting((), "extra Host header names to accept")
     cors_origins: tuple[str, ...] = setting((), "origins that get CORS headers ('*': any)")

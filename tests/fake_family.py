@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from conversions.store import ConversionError
+from conversions.common import ConversionError
 
 CONVERTER_VERSION = "fake-1"
 

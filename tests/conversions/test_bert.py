@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conversions import bert
-from conversions.store import ConversionError
+from conversions.common import ConversionError
 from engine.embeddings.runner import EmbeddingsRunner
 from tests.real_weights import (
     MINILM_SENTENCES,
@@ -347,20 +347,14 @@ def test_refuses_a_non_empty_destination(tiny_src: Path, tmp_path: Path) -> None
 
 
 def test_smoke_test(tiny_out: dict[str, Path], tmp_path: Path) -> None:
-    bert.smoke_test(tiny_out["q8"])
+    from conversions.install import _smoke
+    from engine.embeddings.runner import smoke_test
+
+    smoke_test(tiny_out["q8"])
     broken = _copy(tiny_out["fp32"], tmp_path / "broken")
     (broken / "model.safetensors").unlink()
     with pytest.raises(ConversionError, match="does not load"):
-        bert.smoke_test(broken)
-
-
-def test_main(tiny_src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert bert.main([str(tiny_src), str(tmp_path / "out"), "-q", "8", "--group-size", "32"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["quantization"] == {"group_size": 32, "bits": 8}
-    assert printed["converter_version"] == bert.CONVERTER_VERSION
-    assert bert.main([str(tmp_path / "missing"), str(tmp_path / "out2")]) == 1
-    assert "not a directory" in capsys.readouterr().err
+        _smoke(smoke_test, broken)
 
 
 # ================================================================== real all-MiniLM-L6-v2

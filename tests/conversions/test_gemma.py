@@ -22,8 +22,13 @@ import mlx.core as mx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from conversions import gemma  # noqa: E402
-from conversions.store import ConversionError  # noqa: E402
-from engine.chat.runner import ChatParams, ChatRunner, PreparedPrompt  # noqa: E402
+from conversions.common import ConversionError  # noqa: E402
+from engine.chat.runner import (  # noqa: E402
+    ChatParams,
+    ChatRunner,
+    PreparedPrompt,
+    smoke_test,  # noqa: E402
+)
 from tests.real_weights import gemma3_270m_gguf  # noqa: E402
 from tests.tiny.gemma4 import build_gemma4_hf  # noqa: E402
 
@@ -173,7 +178,7 @@ def test_gemma4_keeps_side_files_and_serves(gemma4_out: dict[str, tuple], name: 
     assert (path / "processor_config.json").is_file() or (
         path / "preprocessor_config.json"
     ).is_file()
-    gemma.smoke_test(path)
+    smoke_test(path)
     runner = ChatRunner.load(path, "tiny")
     assert runner.generation_defaults()["top_k"] == 64
     content = [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "Hi"}]
@@ -315,7 +320,7 @@ def test_tiny_gguf_matches_the_numpy_reference(
 
 def test_tiny_gguf_chat_path(tiny_gguf_out: dict[str, tuple]) -> None:
     for path, _ in tiny_gguf_out.values():
-        gemma.smoke_test(path)
+        smoke_test(path)
         runner = ChatRunner.load(path, "tiny")
         prompt = runner.prepare(USER, [])
         assert prompt.text == (
@@ -349,7 +354,7 @@ def test_hf_text_directory_converts_with_mlx_lm(
     fields = gemma.convert(tiny_gguf_out["f32"][0], out, quantization=8, group_size=32)
     assert fields["source_format"] == "hf" and fields["model_type"] == "gemma3_text"
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
-    gemma.smoke_test(out)
+    smoke_test(out)
 
 
 # --------------------------------------------------------------- real Gemma 3 270M (GGUF)

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from conversions.store import verify
+from engine.store.manifest import verify
 from tests.fake_hub import FakeHub
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_CLI = (
-    "import sys, conversions.store as s; "
+    "import sys, conversions.install as s, engine.services as e, tests.fake_family as f; "
     "s.FAMILIES.update(dict.fromkeys(s.FAMILIES, 'tests.fake_family')); "
+    "e.smoke_test = lambda kind: f.smoke_test; "
     "from engine.cli import main; raise SystemExit(main(sys.argv[1:]))"
 )
 
@@ -216,7 +217,9 @@ def test_disk_full_is_a_clear_error(tmp_path: Path, source: Path, monkeypatch) -
     import shutil as shutil_module
     from collections import namedtuple
 
-    from conversions.store import ConversionError, ConvertOptions, Store, install
+    from conversions.common import ConversionError
+    from conversions.install import ConvertOptions, install
+    from engine.store import Store
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9, 1000))

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from conversions import whisper as conv
-from conversions.store import ConversionError
-from engine.speech.runner import SpeechRunner
+from conversions.common import ConversionError
+from engine.speech.runner import SpeechRunner, smoke_test
 from tests.conftest import require_tool
 from tests.tiny import whisper as tiny
 
@@ -255,7 +255,7 @@ def test_quantized_layout_matches_mlx_whisper(
     original = tiny.tiny_weights()["encoder.blocks.0.mlp2.weight"]
     error = np.abs(np.array(dequantized.astype(mx.float32)) - original).max()
     assert error < (0.02 if bits == 8 else 0.2)
-    conv.smoke_test(model_dir)
+    smoke_test(model_dir)
 
 
 def test_group_size_too_large_leaves_layers_unquantized(
@@ -283,7 +283,7 @@ def test_speech_runner_transcribes_converted(
 
 
 def test_smoke_test_runs(converted: dict[str, tuple[Path, dict]]) -> None:
-    conv.smoke_test(converted["hf"][0])
+    smoke_test(converted["hf"][0])
 
 
 # ----------------------------------------------------- against the reference implementations
@@ -450,15 +450,28 @@ def test_bad_options(options: dict, message: str, sources: dict[str, Path], tmp_
         conv.convert(sources["hf"], tmp_path / "out", **options)
 
 
-def test_main_writes_a_manifest(sources: dict[str, Path], tmp_path: Path, capsys) -> None:
-    dest = tmp_path / "tiny-whisper"
-    assert conv.main([str(sources["ct2"]), str(dest), "-q", "8", "--group-size", "32"]) == 0
-    manifest = json.loads((dest / "manifest.json").read_text())
+def test_install_writes_the_one_manifest_schema(sources: dict[str, Path], tmp_path: Path) -> None:
+    from conversions.install import ConvertOptions, install
+    from engine.store import Store
+
+    options = ConvertOptions(quantization=8, group_size=32, dtype="float16")
+    info = install(
+        Store(tmp_path),
+        "tiny-whisper",
+        "stt",
+        sources["ct2"],
+        source_info={"type": "local", "path": str(sources["ct2"])},
+        options=options,
+        smoke_test=smoke_test,
+    )
+    manifest = json.loads((info.path / "manifest.json").read_text())
     assert manifest["kind"] == "stt" and manifest["source_format"] == "ct2"
-    assert manifest["converter_version"] == conv.CONVERTER_VERSION
+    assert manifest["converter"] == {
+        "module": "conversions.whisper",
+        "version": conv.CONVERTER_VERSION,
+    }
+    assert manifest["source"]["type"] == "local" and manifest["id"] == "tiny-whisper"
     assert set(manifest["files"]) == {"config.json", "weights.safetensors"}
-    assert conv.main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 1
-    assert "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- real weights: Whisper base

@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from conversions.store import ModelInfo
-from engine.config import Config
-from engine.routes import chat, embeddings, stt
+from engine import services
 from engine.app import ServiceSpec
+from engine.config import Config
+from engine.store import ModelInfo
 
 
 class FakeEmbeddings:
@@ -136,9 +136,8 @@ class FakeSpeech:
 
 
 def fake_spec(service: str, runner: Any = None, *, load_gate: threading.Event | None = None):
-    """The service's real spec (routes, handlers) with a fake runner loader."""
-    module = {"chat": chat, "embeddings": embeddings, "stt": stt}[service]
-    real: ServiceSpec = module.SPEC
+    """The service's real spec (routes, policy) with a fake runner loader."""
+    real = services.spec(service)
     made = runner or {"chat": FakeChat, "embeddings": FakeEmbeddings, "stt": FakeSpeech}[service]()
 
     def load(model: ModelInfo, config: Config) -> Any:
@@ -146,7 +145,7 @@ def fake_spec(service: str, runner: Any = None, *, load_gate: threading.Event | 
             load_gate.wait(30)
         return made
 
-    return ServiceSpec(real.name, real.blueprint, load, real.handlers, real.batch_rules), made
+    return ServiceSpec(real.name, real.blueprint, load, real.policy), made
 
 
 def fake_model_dir(root: Path, kind: str) -> Path:

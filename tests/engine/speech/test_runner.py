@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from engine.speech.runner import SpeechRunner, weights_dtype
 from engine.modelthread import Cancelled
+from engine.speech.runner import SpeechRunner, weights_dtype
 from tests.tiny.whisper import build_whisper_mlx
 
 SEGMENT_KEYS = {

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.routes import chat as chat_route
+from engine.chat import response as chat_response
 from tests.engine.fakes import FakeChat
-from tests.engine.test_server import assert_error, serving
+from tests.engine.test_app import assert_error, serving
 
 USER = [{"role": "user", "content": "Hi"}]
 THINKING = ("<|channel>", "thought", "\n", "Let me ", "think", "<channel|>", "The ", "answer", ".")
@@ -223,7 +223,7 @@ def test_logprobs_streamed_and_not(tmp_path: Path) -> None:
 
 
 def test_keepalive_comments_while_waiting(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(chat_route, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(chat_response, "KEEPALIVE_S", 0.05)
     gate = threading.Event()
     threading.Timer(0.5, gate.set).start()
     with serving(tmp_path, "chat", FakeChat(gate=gate)) as (client, _):

@@ -1,5 +1,5 @@
 """Speech-to-text pieces without a server: segment wrapping and timing, subtitles, options,
-the time limit, the scheduler's between-windows hook, and the route with a fake runner."""
+the time limit, the speech policy's between-windows hook, and the route with a fake runner."""
 
 from __future__ import annotations
 
@@ -12,21 +12,14 @@ import pytest
 from sanic import Sanic
 from sanic_testing.reusable import ReusableClient
 
+from engine.app import create_app
 from engine.config import build_config
 from engine.errors import ApiError
-from engine.routes.stt import (
-    Options,
-    SttJob,
-    _Deadline,
-    _fallback,
-    placed,
-    timestamp,
-    to_srt,
-    to_vtt,
-    wrap,
-)
-from engine.modelthread import Cancelled, ModelWorker
-from engine.app import create_app
+from engine.modelthread import Cancelled, ModelThread
+from engine.speech import decode
+from engine.speech.decode import _Deadline
+from engine.speech.request import Options, SttJob, _fallback
+from engine.speech.response import placed, timestamp, to_srt, to_vtt, wrap
 from tests.engine.fakes import FakeSpeech, fake_model_dir, fake_spec
 from tests.serving import free_port
 
@@ -119,21 +112,21 @@ class _Job:
         if self.cancelled:
             raise Cancelled()
 
-    def yield_to_queue(self) -> float:
+    def run_others(self) -> float:
         self.yields += 1
         return self.others
 
 
 def test_time_limit_excludes_time_spent_on_other_requests() -> None:
     job = _Job()
-    clock = _Deadline(job, 0.05)  # type: ignore[arg-type]
+    clock = _Deadline(job, 0.05, job.run_others)  # type: ignore[arg-type]
     clock.tick()
     time.sleep(0.08)
     with pytest.raises(ApiError) as err:
         clock.tick()
     assert err.value.status == 504 and err.value.code == "time_limit_exceeded"
     generous = _Job(others=0.5)
-    clock = _Deadline(generous, 0.05)  # type: ignore[arg-type]
+    clock = _Deadline(generous, 0.05, generous.run_others)  # type: ignore[arg-type]
     clock.tick()  # the queue took 0.5 s: the deadline moves by that much
     time.sleep(0.08)
     clock.tick()
@@ -142,42 +135,54 @@ def test_time_limit_excludes_time_spent_on_other_requests() -> None:
         clock.tick()
 
 
-def test_worker_runs_queued_jobs_between_steps_of_a_long_one() -> None:
+class WindowedSpeech(FakeSpeech):
+    """Three windows for a long clip (the `on_window` hook before each), one for a short one."""
+
+    def __init__(self, gate: threading.Event, order: list[str]) -> None:
+        self.gate, self.order = gate, order
+
+    def transcribe(self, audio, **options) -> dict:
+        name = "long" if len(audio) > 16000 else "short"
+        if name == "short" and audio[0] == 1:
+            raise ValueError("broken")
+        self.order.append(f"{name}:start")
+        self.gate.wait(5)
+        for step in range(3 if name == "long" else 1):
+            options["on_window"]()
+            self.order.append(f"{name}:{step}")
+        return super().transcribe(audio, **options)
+
+
+def test_the_speech_policy_runs_queued_jobs_between_windows_of_a_long_one() -> None:
+    import numpy as np
+
     order: list[str] = []
     gate = threading.Event()
+    runner = WindowedSpeech(gate, order)
 
-    def long_job(runner: object, job) -> str:
-        order.append("long:start")
-        gate.wait(5)
-        for step in range(3):
-            job.yield_to_queue()
-            order.append(f"long:{step}")
-        return "long"
-
-    def short_job(runner: object, job) -> str:
-        assert job.yield_to_queue() == 0.0  # nested jobs do not nest further
-        if job.payload == "fail":
-            raise ValueError("broken")
-        order.append(f"short:{job.payload}")
-        return job.payload
+    def job(seconds: float, first: float = 0.0) -> SttJob:
+        audio = np.zeros(int(seconds * 16000), np.float32)
+        audio[0] = first
+        return SttJob(audio, Options(), None)
 
     async def main() -> list:
-        worker = ModelWorker("t", lambda: None, {"long": long_job, "short": short_job},
-                             queue_size=8)  # fmt: skip
+        config = build_config({})
+        worker = ModelThread("t", lambda: runner, decode.policy(config), queue_size=8)
         worker.start()
         while worker.state.value != "ok":
             await asyncio.sleep(0.01)
-        jobs = [worker.submit("long", None)]
+        jobs = [worker.submit(job(5))]
         await asyncio.sleep(0.1)
-        jobs += [worker.submit("short", "a"), worker.submit("short", "fail")]
+        jobs += [worker.submit(job(0.5)), worker.submit(job(0.5, first=1.0))]
         gate.set()
         results = await asyncio.gather(*(j.result() for j in jobs), return_exceptions=True)
         worker.stop(2)
         return results
 
     results = asyncio.run(main())
-    assert results[0] == "long" and results[1] == "a" and isinstance(results[2], ApiError)
-    assert order == ["long:start", "short:a", "long:0", "long:1", "long:2"]
+    assert [r["text"] for r in results[:2]] == [" Fake words.", " Fake words."]
+    assert isinstance(results[2], ApiError)  # a failing nested job fails alone
+    assert order == ["long:start", "short:start", "short:0", "long:0", "long:1", "long:2"]
 
 
 class RecordingSpeech(FakeSpeech):
@@ -208,7 +213,7 @@ def test_defaults_are_fresh_for_every_request(tmp_path: Path) -> None:
         }  # fmt: skip
     )
     spec, runner = fake_spec("stt", RecordingSpeech())
-    app = create_app("stt", config, spec)
+    app = create_app(spec, config)
     files = {"file": ("a.wav", buffer.getvalue())}
     with ReusableClient(app, port=free_port()) as client:
         for _ in range(100):

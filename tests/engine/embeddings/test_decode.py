@@ -1,4 +1,4 @@
-"""The embeddings scheduler: requests batched together, split back, none starved."""
+"""The embeddings policy: requests batched together, split back, none starved."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from engine.config import Config
+from engine.embeddings import decode
+from engine.embeddings.decode import embed_batch
+from engine.embeddings.request import EmbedRequest
 from engine.errors import InvalidRequest
-from engine.routes import embeddings
-from engine.routes.embeddings import EmbedRequest, embed_batch
-from engine.modelthread import Cancelled, Job, ModelWorker
+from engine.modelthread import Cancelled, Job, ModelThread
 from tests.engine.fakes import FakeEmbeddings
 
 
@@ -29,7 +30,7 @@ class LongFake(FakeEmbeddings):
 
 
 def make_jobs(loop, requests: list[EmbedRequest]) -> list[Job]:
-    return [Job("embed", r, loop, loop.create_future()) for r in requests]
+    return [Job(r, loop, loop.create_future()) for r in requests]
 
 
 async def settle(jobs: list[Job]) -> list:
@@ -43,7 +44,7 @@ def run(runner, first: list[EmbedRequest], later: list[EmbedRequest] = (), budge
     extra = make_jobs(loop, list(later))
     handed = []
 
-    def take_more() -> list[Job]:
+    def take_more(in_flight: int) -> list[Job]:
         if extra and not handed:
             handed.extend(extra)
             return list(extra)
@@ -93,7 +94,7 @@ def test_cancelled_request_is_dropped() -> None:
     loop = asyncio.new_event_loop()
     jobs = make_jobs(loop, [texts(*["a" * 30] * 10), texts("b")])
     jobs[0].cancel()
-    embed_batch(runner, jobs, list, 64)
+    embed_batch(runner, jobs, lambda n: [], 64)
     results = loop.run_until_complete(settle(jobs))
     loop.close()
     assert isinstance(results[0], Cancelled)
@@ -116,13 +117,11 @@ def test_a_batch_that_keeps_admitting_work_does_not_fill_the_queue() -> None:
     """Answered requests leave the running batch: clients that each keep one request in flight
     never see queue_full, however long the batch goes on admitting their next requests."""
     config = Config(queue_size=4)
-    worker = ModelWorker(
-        "embeddings", SlowFake, {}, queue_size=4, batch_rules=embeddings._batch_rules(config)
-    )
+    worker = ModelThread("embeddings", SlowFake, decode.policy(config), queue_size=4)
 
     async def client(name: str) -> int:
         for i in range(40):
-            job = worker.submit("embed", texts(f"{name} {i}"))
+            job = worker.submit(texts(f"{name} {i}"))
             assert (await job.result()).vectors.shape == (1, 8)
         return 40
 

@@ -14,8 +14,8 @@ import pytest
 from sanic import Sanic
 from sanic_testing.reusable import ReusableClient
 
-from engine.config import build_config
 from engine.app import create_app
+from engine.config import build_config
 from tests.engine.fakes import fake_model_dir, fake_spec
 from tests.serving import free_port
 
@@ -26,7 +26,7 @@ def serving(tmp_path: Path, service: str, runner=None, load_gate=None, **setting
     values = {"home": str(tmp_path), f"{service}_model": str(fake_model_dir(tmp_path, service))}
     config = build_config({**values, **settings})
     spec, made = fake_spec(service, runner, load_gate=load_gate)
-    app = create_app(service, config, spec)
+    app = create_app(spec, config)
     with ReusableClient(app, port=free_port()) as client:
         if load_gate is None:
             wait_ready(client)
@@ -71,7 +71,7 @@ def test_missing_model_is_explained_and_the_service_stays_up(tmp_path: Path) -> 
     Sanic._app_registry.clear()
     config = build_config({"home": str(tmp_path), "embeddings_model": "not-installed"})
     spec, _ = fake_spec("embeddings", runner=object())
-    app = create_app("embeddings", config, spec)
+    app = create_app(spec, config)
     with ReusableClient(app, port=free_port()) as client:
         time.sleep(0.3)
         _, response = client.get("/health")
@@ -91,8 +91,8 @@ def test_load_failure_is_explained(tmp_path: Path) -> None:
     def broken(model, config):
         raise RuntimeError("weights are corrupt")
 
-    spec = type(spec)(spec.name, spec.blueprint, broken, spec.handlers, spec.batch_rules)
-    app = create_app("stt", config, spec)
+    spec = type(spec)(spec.name, spec.blueprint, broken, spec.policy)
+    app = create_app(spec, config)
     with ReusableClient(app, port=free_port()) as client:
         time.sleep(0.3)
         _, response = client.get("/health")

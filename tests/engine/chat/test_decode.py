@@ -1,5 +1,5 @@
 """Chat slots: up to --chat-parallel replies generated at once, their decode steps interleaved
-on the one model thread, with the real scheduler and a scripted runner."""
+on the one model thread, with the real model thread and a scripted runner."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from engine.chat import decode
+from engine.chat.request import ChatRequest
 from engine.config import Config
 from engine.errors import InvalidRequest, ServerError
-from engine.routes import chat
-from engine.chat.request import ChatRequest
-from engine.modelthread import ModelWorker
+from engine.modelthread import ModelThread
 from tests.engine.fakes import FakeChat
 
 
@@ -47,14 +47,12 @@ def run(parallel: int, plan: list[tuple[float, ChatRequest]]) -> tuple:
     request, and the order in which the requests finished."""
     runner = RecordingChat()
     config = Config(chat_parallel=parallel)
-    worker = ModelWorker(
-        "chat", lambda: runner, {}, queue_size=8, batch_rules=chat._batch_rules(config)
-    )
+    worker = ModelThread("chat", lambda: runner, decode.policy(config), queue_size=8)
     finished: list[str] = []
 
     async def one(delay: float, body: ChatRequest):
         await asyncio.sleep(delay)
-        job = worker.submit("chat", body, stream=True)
+        job = worker.submit(body, stream=True)
         async for _ in job.stream():
             pass
         try:

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from conversions.store import ModelMissing, Store, StoreError, verify, write_manifest
+from engine.store import ModelMissing, Store, StoreError
+from engine.store.manifest import verify, write_manifest
 
 
 def make_model(directory: Path, config: dict) -> Path:
