@@ -36,6 +36,7 @@ serve: install
 lint: install-test
 	$(BIN)/ruff check engine conversions tests bench
 	$(BIN)/ruff format --check engine conversions tests bench
+	$(BIN)/lint-imports
 
 test: install-test lint
 	LD_PRELOAD=$(OPENBLAS) $(BIN)/pytest $(ARGS)

@@ -402,10 +402,10 @@ def test_fresh_venv_holds_exactly_the_resources(fresh_python: Path) -> None:
 
 def test_fresh_venv_imports_every_module_and_converts(fresh_python: Path, tmp_path: Path) -> None:
     modules = sorted(
-        f"{package}.{path.stem}"
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
         for package in ("engine", "conversions")
-        for path in (ROOT / package).glob("*.py")
-        if path.stem != "__main__"
+        for path in (ROOT / package).rglob("*.py")
+        if path.stem not in ("__main__", "__init__")
     )
     code = f"import importlib\nfor m in {modules!r}: importlib.import_module(m)\nimport gguf"
     imported = run_fresh(fresh_python, "-c", code)

@@ -9,17 +9,50 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, Protocol
 
 from engine.chat.gemma_tokens import THINK_CLOSE, THINK_OPEN
 from engine.chat.request import ChatRequest
-from engine.chat.types import ChatOutcome, ChatParams, Piece, PromptTooLongError, Started
+from engine.chat.types import (
+    ChatOutcome,
+    ChatParams,
+    ChatStep,
+    Piece,
+    PromptTooLongError,
+    Started,
+)
 from engine.config import Config
 from engine.errors import InvalidRequest
 from engine.modelthread import Inbox, Job, Policy, as_client_error
 
 log = logging.getLogger("mlxd.chat")
+
+
+class ChatModel(Protocol):
+    """What the decode loop needs of a chat runner (engine.chat.runner.ChatRunner; the tests'
+    fakes implement the same)."""
+
+    context_length: int
+    eos_token_ids: frozenset[int]
+
+    def generation_defaults(self) -> dict: ...
+
+    def prepare(
+        self,
+        messages: list[dict],
+        images: list[Any],
+        *,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+    ) -> Any: ...
+
+    def decode_token(self, token: int) -> str: ...
+
+    def generate(
+        self, prompt: Any, params: ChatParams, is_cancelled: Callable[[], bool]
+    ) -> Iterator[ChatStep]: ...
+
 
 MIN_LOGPROB = -9999.0  # what OpenAI reports for tokens a mask made impossible (JSON has no -inf)
 
@@ -38,7 +71,7 @@ def opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
-def chat_steps(runner: Any, job: Job) -> Generator[None, None, ChatOutcome]:
+def chat_steps(runner: ChatModel, job: Job) -> Generator[None, None, ChatOutcome]:
     """One reply, a decode step per `next()`: render and check the prompt, then generate."""
     request: ChatRequest = job.payload
     try:
@@ -60,7 +93,7 @@ def chat_steps(runner: Any, job: Job) -> Generator[None, None, ChatOutcome]:
     return (yield from _decode(runner, job, prompt, params))
 
 
-def _params(runner: Any, request: ChatRequest, room: int) -> Any:
+def _params(runner: ChatModel, request: ChatRequest, room: int) -> Any:
     sampling = {**runner.generation_defaults(), **request.sampling}
     return ChatParams(
         max_tokens=min(request.max_tokens or room, room),
@@ -78,7 +111,9 @@ def _params(runner: Any, request: ChatRequest, room: int) -> Any:
     )
 
 
-def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> Generator[None, None, ChatOutcome]:
+def _decode(
+    runner: ChatModel, job: Job, prompt: Any, params: Any
+) -> Generator[None, None, ChatOutcome]:
     outcome = ChatOutcome(prompt_tokens=prompt.n_tokens)
     started = time.perf_counter()
     first_token_at = None
@@ -98,7 +133,7 @@ def _decode(runner: Any, job: Job, prompt: Any, params: Any) -> Generator[None, 
     return outcome
 
 
-def _emit_step(runner: Any, job: Job, params: Any, step: Any, outcome: ChatOutcome) -> None:
+def _emit_step(runner: ChatModel, job: Job, params: Any, step: Any, outcome: ChatOutcome) -> None:
     if step.token is not None:
         outcome.completion_tokens += 1
     if step.finish_reason is not None:
@@ -111,7 +146,7 @@ def _emit_step(runner: Any, job: Job, params: Any, step: Any, outcome: ChatOutco
         job.emit(Piece(step.text, step.token, entry))
 
 
-def _logprob_entry(runner: Any, step: Any) -> dict[str, Any]:
+def _logprob_entry(runner: ChatModel, step: Any) -> dict[str, Any]:
     def item(token: int, logprob: float) -> dict[str, Any]:
         text = runner.decode_token(token)
         value = max(float(logprob), MIN_LOGPROB)
@@ -126,7 +161,7 @@ def policy(config: Config) -> Policy:
     """Up to `chat_parallel` replies at once, one decode step of each in turn; requests that
     arrive meanwhile take the slots that free up. A failure ends only its own reply."""
 
-    def run(runner: Any, inbox: Inbox) -> None:
+    def run(runner: ChatModel, inbox: Inbox) -> None:
         running: dict[Job, Generator[None, None, ChatOutcome]] = {}
         while inbox.wait(block=not running) or running:
             for job in inbox.take(limit=config.chat_parallel - len(running)):

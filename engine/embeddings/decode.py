@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
@@ -19,8 +19,22 @@ from engine.errors import InvalidRequest
 from engine.modelthread import Cancelled, Inbox, Job, Policy
 
 
+class EmbeddingsModel(Protocol):
+    """What the batching policy needs of an embeddings runner (engine.embeddings.runner; the
+    tests' fakes implement the same)."""
+
+    hidden_size: int
+    max_tokens: int
+
+    def vocab_size(self) -> int: ...
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]: ...
+
+    def embed(self, token_lists: list[list[int]]) -> np.ndarray: ...
+
+
 def _checked(
-    runner: Any, request: EmbedRequest, lists: list[list[int]]
+    runner: EmbeddingsModel, request: EmbedRequest, lists: list[list[int]]
 ) -> tuple[list[list[int]], list[int]]:
     """One request's token lists, checked against the vocabulary and the model's limit."""
     vocab, limit = runner.vocab_size(), runner.max_tokens
@@ -67,7 +81,7 @@ class _Work:
         return sum(len(s) for s in self.sequences[self.next :])
 
 
-def _start(runner: Any, jobs: list[Job]) -> list[_Work]:
+def _start(runner: EmbeddingsModel, jobs: list[Job]) -> list[_Work]:
     """Tokenize the texts of all `jobs` in one call, then check each request on its own."""
     texts = [text for job in jobs for text in job.payload.texts or []]
     tokenized = iter(runner.tokenize(texts) if texts else [])
@@ -105,7 +119,7 @@ def _next_round(work: list[_Work], budget: int) -> list[tuple[_Work, int]]:
 
 
 def embed_batch(
-    runner: Any, jobs: list[Job], take_more: Callable[[int], list[Job]], budget: int
+    runner: EmbeddingsModel, jobs: list[Job], take_more: Callable[[int], list[Job]], budget: int
 ) -> None:
     """Embed requests together, round by round; finish each as soon as its vectors are done and
     admit requests that arrive meanwhile, so a large request cannot starve small ones."""
@@ -138,7 +152,7 @@ def policy(config: Config) -> Policy:
     batching off, one request per forward pass, for comparison)."""
     limit, budget = config.embeddings_max_inputs, config.embeddings_batch_tokens
 
-    def run(runner: Any, inbox: Inbox) -> None:
+    def run(runner: EmbeddingsModel, inbox: Inbox) -> None:
         def more(in_flight: int) -> list[Job]:
             if not config.embeddings_batching:
                 return []

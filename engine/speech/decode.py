@@ -11,7 +11,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from engine.config import Config
 from engine.errors import status_error
@@ -19,6 +21,29 @@ from engine.modelthread import Cancelled, Inbox, Job, Policy, as_client_error
 from engine.speech.request import SttJob
 
 log = logging.getLogger("mlxd.stt")
+
+
+class SpeechModel(Protocol):
+    """What a transcription job needs of a speech runner (engine.speech.runner; the tests'
+    fakes implement the same)."""
+
+    def detect_language(
+        self, audio: np.ndarray, *, on_window: Callable[[], None] = ...
+    ) -> dict[str, float]: ...
+
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        *,
+        language: str | None,
+        task: str = "transcribe",
+        temperature: float | tuple[float, ...] = ...,
+        initial_prompt: str | None = None,
+        word_timestamps: bool = False,
+        language_probs: bool = False,
+        on_window: Callable[[], None] = ...,
+        **decode_options: Any,
+    ) -> dict: ...
 
 
 class _Deadline:
@@ -39,7 +64,7 @@ class _Deadline:
         self.job.check()
 
 
-def transcribe_job(runner: Any, job: Job, others: Callable[[], float]) -> dict:
+def transcribe_job(runner: SpeechModel, job: Job, others: Callable[[], float]) -> dict:
     request: SttJob = job.payload
     clock = _Deadline(job, request.time_limit_s, others)
     try:
@@ -50,7 +75,7 @@ def transcribe_job(runner: Any, job: Job, others: Callable[[], float]) -> dict:
         raise
 
 
-def _run(runner: Any, request: SttJob, clock: _Deadline) -> dict:
+def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
     options = request.options
     if options.detect_only:
         probs = runner.detect_language(request.audio, on_window=clock.tick)
@@ -81,7 +106,7 @@ def _run(runner: Any, request: SttJob, clock: _Deadline) -> dict:
 def policy(config: Config) -> Policy:
     """One job at a time; between its windows, the jobs queued meanwhile run nested."""
 
-    def run(runner: Any, inbox: Inbox) -> None:
+    def run(runner: SpeechModel, inbox: Inbox) -> None:
         def others() -> float:
             started = time.monotonic()
             for job in inbox.take():
@@ -95,7 +120,7 @@ def policy(config: Config) -> Policy:
     return run
 
 
-def _finish(runner: Any, job: Job, others: Callable[[], float]) -> None:
+def _finish(runner: SpeechModel, job: Job, others: Callable[[], float]) -> None:
     try:
         job.finish(transcribe_job(runner, job, others))
     except BaseException as exc:  # noqa: BLE001 - reported to that job's request only

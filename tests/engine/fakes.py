@@ -129,7 +129,23 @@ class FakeChat:
 class FakeSpeech:
     model_id = "fake-whisper"
 
-    def transcribe(self, audio, **options) -> dict:
+    def detect_language(self, audio, *, on_window=lambda: None) -> dict[str, float]:
+        on_window()
+        return {"en": 0.9, "de": 0.1}
+
+    def transcribe(
+        self,
+        audio,
+        *,
+        language,
+        task="transcribe",
+        temperature=(0.0,),
+        initial_prompt=None,
+        word_timestamps=False,
+        language_probs=False,
+        on_window=lambda: None,
+        **decode_options,
+    ) -> dict:
         seconds = len(audio) / 16000
         segment = {"id": 0, "start": 0.0, "end": seconds, "text": " Fake words.", "tokens": [1]}
         return {"text": " Fake words.", "segments": [segment], "language": "en"}

@@ -75,3 +75,27 @@ def test_bad_toml_names_the_file(tmp_path: Path) -> None:
 def test_json_round_trip(tmp_path: Path) -> None:
     config = build_config({"home": str(tmp_path), "api_key": "secret", "cors_origins": "a,b"})
     assert Config.from_json(config.to_json()) == config
+
+
+def test_readme_flag_table_is_generated_from_the_config() -> None:
+    from pathlib import Path
+
+    from engine.config import flags_markdown
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- serve-flags")
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- /serve-flags -->")]
+    assert table.strip() == flags_markdown()
+
+
+def test_every_config_field_is_a_serve_flag_with_help() -> None:
+    import argparse
+    import dataclasses
+
+    from engine.config import Config, add_serve_flags
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    dests = {action.dest for action in parser._actions}
+    for field in dataclasses.fields(Config):
+        assert field.name in dests and field.metadata["help"], field.name

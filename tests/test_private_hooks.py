@@ -1,0 +1,148 @@
+"""The private internals of mlx-lm, mlx-vlm, mlx-whisper and transformers that mlxd relies on.
+
+pyproject.toml pins each of these libraries to a compatible release; when an upgrade moves one
+of these hooks, its test fails with a message naming the hook and the installed version.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import version
+
+import pytest
+
+
+def check(distribution: str, hook: str, condition: Callable[[], bool]) -> None:
+    try:
+        held = condition()
+    except (AttributeError, ImportError, TypeError, KeyError) as exc:
+        held, detail = False, f"{type(exc).__name__}: {exc}"
+    else:
+        detail = "the check returned False"
+    if not held:
+        pytest.fail(
+            f"{distribution} {version(distribution)}: private hook moved: {hook} ({detail})"
+        )
+
+
+def source_of(module: str, name: str) -> str:
+    return inspect.getsource(getattr(importlib.import_module(module), name))
+
+
+def test_mlx_lm_tokenizer_wrapper_keeps_the_hf_tokenizer() -> None:
+    """engine.chat.runner.ChatRunner.load takes `wrapper._tokenizer` from mlx_lm.load."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    )
+    check("mlx-lm", "TokenizerWrapper._tokenizer", lambda: TokenizerWrapper(hf)._tokenizer is hf)
+
+
+def test_mlx_lm_model_remapping() -> None:
+    """engine.chat.runner.is_text_only maps model types through mlx_lm.utils.MODEL_REMAPPING."""
+    from mlx_lm import utils
+
+    check("mlx-lm", "mlx_lm.utils.MODEL_REMAPPING", lambda: isinstance(utils.MODEL_REMAPPING, dict))
+
+
+@pytest.mark.parametrize(
+    ("distribution", "module", "function"),
+    [
+        ("mlx-lm", "mlx_lm.generate", "generate_step"),
+        ("mlx-vlm", "mlx_vlm.generate.ar", "generate_step"),
+    ],
+)
+def test_logits_processors_see_the_tokens_so_far(
+    distribution: str, module: str, function: str
+) -> None:
+    """engine.chat.constraint.AnswerConstraint reads the last sampled token from `tokens`."""
+    check(
+        distribution,
+        f"{module}.{function} calls processor(tokens, logits)",
+        lambda: "processor(tokens, logits)" in source_of(module, function),
+    )
+
+
+def test_mlx_vlm_generate_step_signature() -> None:
+    from mlx_vlm.generate import generate_step
+
+    expected = ["input_ids", "model", "pixel_values", "mask"]
+    check(
+        "mlx-vlm",
+        "generate_step(input_ids, model, pixel_values, mask, ...)",
+        lambda: list(inspect.signature(generate_step).parameters)[:4] == expected,
+    )
+
+
+def test_mlx_vlm_skip_multimodal_module() -> None:
+    """conversions.gemma keeps the towers unquantized with mlx-vlm's own rule."""
+    from mlx_vlm import utils
+
+    check(
+        "mlx-vlm",
+        "mlx_vlm.utils.skip_multimodal_module",
+        lambda: utils.skip_multimodal_module("vision_tower.x") is True,
+    )
+
+
+def test_mlx_whisper_model_holder_caches_by_path() -> None:
+    """engine.speech.runner hands its loaded model to transcribe() through ModelHolder."""
+    module = importlib.import_module("mlx_whisper.transcribe")
+    sentinel = object()
+    saved = module.ModelHolder.model, module.ModelHolder.model_path
+    try:
+        module.ModelHolder.model, module.ModelHolder.model_path = sentinel, "mlxd-key"
+        check(
+            "mlx-whisper",
+            "mlx_whisper.transcribe.ModelHolder.get_model",
+            lambda: module.ModelHolder.get_model("mlxd-key", None) is sentinel,
+        )
+    finally:
+        module.ModelHolder.model, module.ModelHolder.model_path = saved
+
+
+@pytest.mark.parametrize(
+    ("module", "function", "call"),
+    [
+        ("mlx_whisper.transcribe", "transcribe", "model.decode("),
+        ("mlx_whisper.transcribe", "transcribe", "model.detect_language("),
+        ("mlx_whisper.timing", "find_alignment", "model.forward_with_cross_qk("),
+        ("mlx_whisper.decoding", "detect_language", "model.encoder("),
+    ],
+)
+def test_mlx_whisper_calls_the_hooked_model_methods(module: str, function: str, call: str) -> None:
+    """engine.speech.runner._HookedModel intercepts these calls (window hook, encoder reuse)."""
+    check(
+        "mlx-whisper",
+        f"{module}.{function} calls {call}...)",
+        lambda: call in source_of(module, function),
+    )
+
+
+def test_mlx_whisper_encoder_positional_embedding() -> None:
+    """engine.speech.runner.smoke_test slices the encoder's positions for a 1 s input."""
+    from mlx_whisper.whisper import ModelDimensions, Whisper
+
+    dims = ModelDimensions(80, 20, 8, 2, 1, 64, 4, 8, 2, 1)
+    check(
+        "mlx-whisper",
+        "AudioEncoder._positional_embedding",
+        lambda: Whisper(dims).encoder._positional_embedding.shape == (20, 8),
+    )
+
+
+def test_transformers_gguf_tokenizer_conversion() -> None:
+    """conversions.gemma rebuilds a GGUF's tokenizer with transformers' integration."""
+    from transformers.integrations import gguf
+
+    check(
+        "transformers",
+        "transformers.integrations.gguf.get_gguf_tokenizer / convert_gguf_tokenizer",
+        lambda: callable(gguf.get_gguf_tokenizer) and callable(gguf.convert_gguf_tokenizer),
+    )
