@@ -28,18 +28,11 @@ from typing import Any
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from conversions.common import ConversionError, read_source_json
+from conversions.common import ConversionError, check_options, read_source_json
 from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
 
-DTYPES: dict[str, mx.Dtype] = {
-    "float16": mx.float16,
-    "float32": mx.float32,
-    "bfloat16": mx.bfloat16,
-}
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
 POOLINGS = ("cls", "mean", "last")
 # model_type -> mlx_embeddings.models module, and the prefix task-head checkpoints put on keys.
 ARCHITECTURES = {"bert": ("bert", "bert."), "xlm-roberta": ("xlm_roberta", "roberta.")}
@@ -310,7 +303,7 @@ def convert(
     _prepare_dest(source, dest)
 
     weights = match_expected(sanitize(load_weights(files), config["model_type"]), config, source)
-    weights = cast(weights, DTYPES[dtype])
+    weights = cast(weights, getattr(mx, dtype))
     quant = None
     if quantization is not None:
         quant = {"group_size": group_size, "bits": quantization}
@@ -334,12 +327,7 @@ def convert(
 def _check_options(
     quantization: int | None, group_size: int, dtype: str, pooling: str | None
 ) -> None:
-    if dtype not in DTYPES:
-        raise ConversionError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if quantization is not None and quantization not in BITS:
-        raise ConversionError(f"unsupported quantization {quantization!r}: use 4 or 8 bits")
-    if quantization is not None and group_size not in GROUP_SIZES:
-        raise ConversionError(f"unsupported group size {group_size}: use 32, 64 or 128")
+    check_options(quantization, group_size, dtype)
     if pooling is not None and pooling not in POOLINGS:
         raise ConversionError(f"unsupported pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
 

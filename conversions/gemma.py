@@ -23,11 +23,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from conversions.common import ConversionError, read_source_json
+from conversions.common import ConversionError, check_options, read_source_json
 from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
-DTYPES = ("float16", "bfloat16", "float32")
 GGUF_MAGIC = b"GGUF"
 GGUF_ARCHITECTURES = ("gemma3",)
 VLM_MODEL_TYPES = ("gemma4",)
@@ -109,7 +108,7 @@ def convert(
 ) -> dict[str, Any]:
     """Convert ``source`` into ``dest`` (which must not exist yet); returns manifest fields."""
     source, dest = Path(source), Path(dest)
-    _check_options(quantization, group_size, dtype)
+    check_options(quantization, group_size, dtype)
     if dest.exists() and any(dest.iterdir()):
         raise ConversionError(f"destination {dest} already exists and is not empty")
     kind, path = detect_source(source)
@@ -118,14 +117,6 @@ def convert(
     quant = None if quantization is None else {"bits": quantization, "group_size": group_size}
     return {"dtype": dtype, "quantization": quant, **fields}
 
-
-def _check_options(quantization: int | None, group_size: int, dtype: str) -> None:
-    if quantization not in (None, 4, 8):
-        raise ConversionError(f"quantization must be 4, 8 or none, not {quantization!r}")
-    if group_size not in (32, 64, 128):
-        raise ConversionError(f"group size must be 32, 64 or 128, not {group_size!r}")
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
 
 
 def detect_source(source: Path) -> tuple[str, Path]:

@@ -30,17 +30,10 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
-from conversions.common import ConversionError, read_source_json
+from conversions.common import ConversionError, check_options, read_source_json
 
 CONVERTER_VERSION = "1"
 WEIGHTS = "weights.safetensors"
-DTYPES: dict[str, mx.Dtype] = {
-    "float16": mx.float16,
-    "bfloat16": mx.bfloat16,
-    "float32": mx.float32,
-}
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
 DIM_FIELDS = (
     "n_mels",
     "n_audio_ctx",
@@ -603,13 +596,8 @@ def read_checkpoint(source: Path) -> Checkpoint:
 
 
 def _check_options(quantization: int | None, group_size: int, dtype: str) -> mx.Dtype:
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if quantization is not None and quantization not in BITS:
-        raise ConversionError(f"quantization must be 4 or 8 bits, not {quantization!r}")
-    if quantization is not None and group_size not in GROUP_SIZES:
-        raise ConversionError(f"group_size must be one of {GROUP_SIZES}, not {group_size}")
-    return DTYPES[dtype]
+    check_options(quantization, group_size, dtype)
+    return getattr(mx, dtype)
 
 
 def _cast(weights: dict[str, mx.array], dtype: mx.Dtype) -> dict[str, mx.array]:

@@ -326,9 +326,9 @@ def test_bad_sources_are_clear_errors(
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"dtype": "int8"}, "unsupported dtype"),
-        ({"quantization": 3}, "unsupported quantization"),
-        ({"quantization": 8, "group_size": 48}, "unsupported group size"),
+        ({"dtype": "int8"}, "dtype must be"),
+        ({"quantization": 3}, "quantization must be"),
+        ({"quantization": 8, "group_size": 48}, "group size must be"),
         ({"pooling": "max"}, "unsupported pooling"),
     ],
 )

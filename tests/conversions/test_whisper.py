@@ -440,8 +440,8 @@ def test_incomplete_checkpoint_names_missing_weights(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"quantization": 3}, "4 or 8 bits"),
-        ({"quantization": 4, "group_size": 48}, "group_size"),
+        ({"quantization": 3}, "4, 8 or none"),
+        ({"quantization": 4, "group_size": 48}, "group size"),
         ({"dtype": "float64"}, "dtype must be"),
     ],
 )
