@@ -30,7 +30,7 @@ CATALOG: dict[str, CatalogEntry] = {
     entry.id: entry
     for entry in [
         CatalogEntry(
-            "gemma-4-e4b",
+            DEFAULT_IDS["chat"],
             "chat",
             "google/gemma-4-E4B-it",
             4,
@@ -38,7 +38,7 @@ CATALOG: dict[str, CatalogEntry] = {
             "Gemma 4 E4B instruct, vision + thinking (language model 4-bit)",
         ),
         CatalogEntry(
-            "bge-base-zh",
+            DEFAULT_IDS["embeddings"],
             "embeddings",
             "BAAI/bge-base-zh-v1.5",
             None,
@@ -62,7 +62,7 @@ CATALOG: dict[str, CatalogEntry] = {
             "all-MiniLM-L6-v2, 384-dim, mean pooling",
         ),
         CatalogEntry(
-            "whisper-large-v3-turbo",
+            DEFAULT_IDS["stt"],
             "stt",
             "openai/whisper-large-v3-turbo",
             None,
