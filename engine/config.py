@@ -27,12 +27,20 @@ class ConfigError(ValueError):
     """A configuration value is missing, malformed or unsafe."""
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, path: bool = False) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    path: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> Any:
     """A configuration field: its default and help text, from which the `mlxd serve` flag, the
     `MLXD_*` variable, the TOML key, the agent's plist arguments and the README table are made.
     `flag` overrides the flag name (a boolean's flag sets the opposite of its default); `path`
-    marks a value that may be a filesystem path (made absolute for the launchd agent)."""
-    metadata = {"help": help, "flag": flag, "path": path}
+    marks a value that may be a filesystem path (made absolute for the launchd agent);
+    `aliases` are former names, still accepted as flag, variable and key."""
+    metadata = {"help": help, "flag": flag, "path": path, "aliases": aliases}
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -80,7 +88,18 @@ class Config:
         "let chat fetch http(s) image URLs (off: base64 data: URLs only)",
         flag="--allow-image-urls",
     )
-    chat_parallel: int = setting(4, "chat replies generated at once")
+    chat_batch: int = setting(
+        8,
+        "sequences decoded together, one forward pass a step (n counts each)",
+        aliases=("chat_parallel",),
+    )
+    chat_prefill_chunk: int = setting(512, "most prompt tokens read per step beside decoding")
+    chat_cache_bytes: int = setting(
+        1 << 30, "prefix cache (KV reused across requests), bytes; 0: off"
+    )
+    chat_kv_tokens: int = setting(
+        0, "KV token positions for all replies together; 0: a quarter of free memory"
+    )
     shutdown_timeout: float = setting(10.0, "seconds to finish work on SIGTERM")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
 
@@ -158,6 +177,7 @@ def _coerce(name: str, value: Any) -> Any:
 def build_config(values: dict[str, Any]) -> Config:
     """Build and validate a Config from already-merged key/value pairs (unknown keys refused)."""
     known = _fields()
+    values = {_ALIASES.get(key, key): value for key, value in values.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
@@ -176,9 +196,18 @@ def validate(config: Config) -> None:
             raise ConfigError(f"port {port} is out of range")
     if len(set(ports)) != len(ports):
         raise ConfigError("each service needs its own port")
-    for name in ("queue_size", "embeddings_max_inputs", "embeddings_batch_tokens", "chat_parallel"):
+    for name in (
+        "queue_size",
+        "embeddings_max_inputs",
+        "embeddings_batch_tokens",
+        "chat_batch",
+        "chat_prefill_chunk",
+    ):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
+    for name in ("chat_cache_bytes", "chat_kv_tokens"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be 0 or more")
     _validate_stt(config)
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         raise ConfigError(
@@ -210,10 +239,10 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def read_env(environ: dict[str, str]) -> dict[str, Any]:
     values = {}
-    for name in _fields():
+    for name in [*_ALIASES, *_fields()]:  # the current name wins over a former one
         env_name = f"MLXD_{name.upper()}"
         if env_name in environ:
-            values[name] = environ[env_name]
+            values[_ALIASES.get(name, name)] = environ[env_name]
     return values
 
 
@@ -237,6 +266,11 @@ def load_config(
 
 # ---- flags, environment and docs, all made from the Config fields -----------------------------
 
+# Former names of fields, still accepted: alias -> field.
+_ALIASES = {
+    alias: f.name for f in dataclasses.fields(Config) for alias in f.metadata.get("aliases", ())
+}
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -244,6 +278,7 @@ class Flag:
 
     name: str  # "--chat-port"
     dest: str  # the Config field
+    aliases: tuple[str, ...]  # former flag names
     help: str
     switch: bool  # takes no value: sets `const`
     const: Any
@@ -268,7 +303,9 @@ def serve_flags() -> list[Flag]:
         switch = "bool" in str(f.type)
         name = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         const = (not f.default) if switch else None
-        flags.append(Flag(name, f.name, f.metadata["help"], switch, const, f.metadata["path"]))
+        aliases = tuple("--" + a.replace("_", "-") for a in f.metadata["aliases"])
+        help_text, path = f.metadata["help"], f.metadata["path"]
+        flags.append(Flag(name, f.name, aliases, help_text, switch, const, path))
     return flags
 
 
@@ -276,12 +313,13 @@ def add_serve_flags(parser: Any) -> None:
     """Add every serve flag to an argparse parser (values default to None: unset)."""
     for flag in serve_flags():
         help_text = f"{flag.help} (default: {flag.default_text()}; env {flag.env})"
+        names = (flag.name, *flag.aliases)
         if flag.switch:
             parser.add_argument(
-                flag.name, dest=flag.dest, action="store_const", const=flag.const, help=help_text
+                *names, dest=flag.dest, action="store_const", const=flag.const, help=help_text
             )
         else:
-            parser.add_argument(flag.name, dest=flag.dest, default=None, help=help_text)
+            parser.add_argument(*names, dest=flag.dest, default=None, help=help_text)
 
 
 def serve_args(values: dict[str, Any], absolute: Callable[[str], str]) -> list[str]:
@@ -305,7 +343,8 @@ def flags_markdown() -> str:
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for flag in serve_flags():
         value = "" if flag.switch else " " + flag.dest.split("_")[-1].upper()
+        also = f" (also `{'`, `'.join(flag.aliases)}`)" if flag.aliases else ""
         rows.append(
-            f"| `{flag.name}{value}` | `{flag.env}` | {flag.default_text()} | {flag.help} |"
+            f"| `{flag.name}{value}` | `{flag.env}` | {flag.default_text()} | {flag.help}{also} |"
         )
     return "\n".join(rows)

@@ -55,11 +55,15 @@ class AnswerConstraint:
         self.eos_ids = sorted(eos_ids)
         self.state = "start"  # -> "thinking" -> "answer", or "start" -> "answer"
         self.calls = 0
+        self.seen = 0  # length of `tokens` at the last call
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        if self.calls:
+        # `tokens` grows by the sampled token each step; a repeated call (a batched step that
+        # was retried) consumes nothing twice.
+        if self.calls and tokens.size > self.seen:
             self._consume(int(tokens.reshape(-1)[-1].item()))
         self.calls += 1
+        self.seen = tokens.size
         if self.state == "thinking":
             return logits
         allowed = self._allowed(logits.shape[-1])

@@ -41,14 +41,15 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     events = job.stream()
     started: Started = await _first_event(job, events)  # errors before generation: plain JSON
-    reply = Reply(chat, started)
+    replies = [Reply(chat, started, index) for index in range(chat.n)]
     if stream:
-        await stream_reply(request, job, events, meta, reply, include_usage)
+        await stream_reply(request, job, events, meta, replies, include_usage)
         return None
     async for piece in events:
-        reply.add(piece)
-    reply.finish()
-    return json_response(completion_body(await job.result(), reply, meta))
+        replies[piece.index].add(piece)
+    for reply in replies:
+        reply.finish()
+    return json_response(completion_body(await job.result(), replies, meta))
 
 
 async def _first_event(job: Job, events: Any) -> Any:

@@ -57,6 +57,7 @@ class ChatRequest:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: off; n: the chosen token plus the top n
     image_refs: list[ImageRef] = field(default_factory=list)
+    n: int = 1  # choices
 
 
 # ---- messages ----------------------------------------------------------------------------
@@ -272,14 +273,17 @@ def parse_logprobs(body: dict[str, Any]) -> int | None:
     return int(top or 0) if wanted else None
 
 
-def check_n(body: dict[str, Any]) -> None:
-    n = optional_number(body, "n", minimum=1, integer=True)
-    if n not in (None, 1):
+def parse_n(body: dict[str, Any], limit: int) -> int:
+    """Choices to generate: the prompt is read once and each choice decodes as its own row."""
+    n = optional_number(body, "n", minimum=1, integer=True) or 1
+    if n > limit:
         raise InvalidRequest(
-            "Only n=1 is supported: send one request per completion",
+            f"'n' is {n}, more than the {limit} sequences this server decodes at once "
+            "(--chat-batch)",
             param="n",
             code="unsupported_value",
         )
+    return int(n)
 
 
 # ---- tools and response_format -------------------------------------------------------------
@@ -405,7 +409,7 @@ def build_constraint(
 
 async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
     messages, refs = parse_messages(required(body, "messages"))
-    check_n(body)
+    n = parse_n(body, request.app.ctx.config.chat_batch)
     tools = parse_tools(body)
     choice = parse_tool_choice(body, tools)
     thinking = parse_thinking(body)
@@ -422,6 +426,7 @@ async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
         constraint=constraint,
         logprobs=parse_logprobs(body),
         image_refs=refs,
+        n=n,
     )
     allow = request.app.ctx.config.chat_allow_image_urls
     loop = asyncio.get_running_loop()

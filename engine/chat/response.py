@@ -23,7 +23,8 @@ FINGERPRINT = f"mlxd-{__version__}"
 class Reply:
     """The assistant message as it builds up, piece by piece."""
 
-    def __init__(self, chat: ChatRequest, started: Started) -> None:
+    def __init__(self, chat: ChatRequest, started: Started, index: int = 0) -> None:
+        self.index = index
         self.parser = OutputParser(reasoning=started.reasoning_open, tools=chat.parse_tools)
         self.message = Delta()
         self.reasoning_tokens = 0
@@ -55,9 +56,8 @@ class Reply:
         return {"content": out}
 
     def finish_reason(self, outcome: ChatOutcome) -> str:
-        if self.message.tool_calls and outcome.finish_reason == "stop":
-            return "tool_calls"
-        return outcome.finish_reason
+        reason = outcome.finish_reasons[self.index]
+        return "tool_calls" if self.message.tool_calls and reason == "stop" else reason
 
     def as_message(self) -> dict[str, Any]:
         calls = self.message.tool_calls
@@ -78,14 +78,21 @@ class Reply:
 
 
 async def stream_reply(
-    request: Request, job: Job, events: Any, meta: dict, reply: Reply, include_usage: bool
+    request: Request,
+    job: Job,
+    events: Any,
+    meta: dict,
+    replies: list[Reply],
+    include_usage: bool,
 ) -> None:
     response = await request.respond(
         content_type="text/event-stream", headers={"cache-control": "no-cache"}
     )
     pending = None
     try:
-        await response.send(_sse(chunk(meta, {"role": "assistant", "content": ""})))
+        for reply in replies:
+            role = {"role": "assistant", "content": ""}
+            await response.send(_sse(chunk(meta, role, index=reply.index)))
         while True:
             pending = asyncio.ensure_future(anext(events, None))
             while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
@@ -93,9 +100,11 @@ async def stream_reply(
             piece = pending.result()
             if piece is None:
                 break
+            reply = replies[piece.index]
             await _send_delta(response, meta, reply, reply.add(piece))
-        await _send_delta(response, meta, reply, reply.finish())
-        await _stream_end(response, job, meta, reply, include_usage)
+        for reply in replies:
+            await _send_delta(response, meta, reply, reply.finish())
+        await _stream_end(response, job, meta, replies, include_usage)
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
@@ -105,7 +114,8 @@ async def stream_reply(
 
 async def _send_delta(response: Any, meta: dict, reply: Reply, delta: Delta) -> None:
     for payload in delta_payloads(delta, reply):
-        await response.send(_sse(chunk(meta, payload, logprobs=reply.take_logprobs())))
+        logprobs = reply.take_logprobs()
+        await response.send(_sse(chunk(meta, payload, logprobs=logprobs, index=reply.index)))
 
 
 def delta_payloads(delta: Delta, reply: Reply) -> list[dict[str, Any]]:
@@ -121,7 +131,7 @@ def delta_payloads(delta: Delta, reply: Reply) -> list[dict[str, Any]]:
 
 
 async def _stream_end(
-    response: Any, job: Job, meta: dict, reply: Reply, include_usage: bool
+    response: Any, job: Job, meta: dict, replies: list[Reply], include_usage: bool
 ) -> None:
     try:
         outcome: ChatOutcome = await job.result()
@@ -129,11 +139,15 @@ async def _stream_end(
         await response.send(_sse(exc.body()))
         await response.eof()
         return
-    last = chunk(meta, {}, reply.finish_reason(outcome), logprobs=reply.take_logprobs())
-    await response.send(_sse({**last, "timings": timings(outcome)}))  # as llama-server
+    for reply in replies:
+        reason = reply.finish_reason(outcome)
+        last = chunk(meta, {}, reason, logprobs=reply.take_logprobs(), index=reply.index)
+        if reply is replies[-1]:
+            last["timings"] = timings(outcome)  # as llama-server
+        await response.send(_sse(last))
     if include_usage:
         envelope = _envelope(meta, "chat.completion.chunk")
-        await response.send(_sse({**envelope, "choices": [], "usage": usage(outcome, reply)}))
+        await response.send(_sse({**envelope, "choices": [], "usage": usage(outcome, replies)}))
     await response.send("data: [DONE]\n\n")
     await response.eof()
 
@@ -161,34 +175,39 @@ def chunk(
     finish_reason: str | None = None,
     *,
     logprobs: dict[str, Any] | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
-    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return {**_envelope(meta, "chat.completion.chunk"), "choices": [choice]}
 
 
-def usage(outcome: ChatOutcome, reply: Reply) -> dict[str, Any]:
+def usage(outcome: ChatOutcome, replies: list[Reply]) -> dict[str, Any]:
+    reasoning = sum(reply.reasoning_tokens for reply in replies)
     return {
         "prompt_tokens": outcome.prompt_tokens,
         "completion_tokens": outcome.completion_tokens,
         "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
         "completion_tokens_details": {
-            "reasoning_tokens": min(reply.reasoning_tokens, outcome.completion_tokens)
+            "reasoning_tokens": min(reasoning, outcome.completion_tokens)
         },
     }
 
 
-def completion_body(outcome: ChatOutcome, reply: Reply, meta: dict) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "message": reply.as_message(),
-        "logprobs": None if reply.logprobs is None else {"content": reply.logprobs},
-        "finish_reason": reply.finish_reason(outcome),
-    }
+def completion_body(outcome: ChatOutcome, replies: list[Reply], meta: dict) -> dict[str, Any]:
+    choices = [
+        {
+            "index": reply.index,
+            "message": reply.as_message(),
+            "logprobs": None if reply.logprobs is None else {"content": reply.logprobs},
+            "finish_reason": reply.finish_reason(outcome),
+        }
+        for reply in replies
+    ]
     return {
         **_envelope(meta, "chat.completion"),
-        "choices": [choice],
-        "usage": usage(outcome, reply),
+        "choices": choices,
+        "usage": usage(outcome, replies),
         "timings": timings(outcome),
     }
 
@@ -197,10 +216,12 @@ def timings(outcome: ChatOutcome) -> dict[str, float]:
     def rate(n: int, ms: float) -> float:
         return round(n / ms * 1000, 3) if ms > 0 else 0.0
 
+    read = outcome.prompt_tokens - outcome.cached_tokens
     return {
-        "prompt_n": outcome.prompt_tokens,
+        "cache_n": outcome.cached_tokens,
+        "prompt_n": read,
         "prompt_ms": round(outcome.prompt_ms, 3),
-        "prompt_per_second": rate(outcome.prompt_tokens, outcome.prompt_ms),
+        "prompt_per_second": rate(read, outcome.prompt_ms),
         "predicted_n": outcome.completion_tokens,
         "predicted_ms": round(outcome.predicted_ms, 3),
         "predicted_per_second": rate(outcome.completion_tokens, outcome.predicted_ms),

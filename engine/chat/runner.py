@@ -1,21 +1,20 @@
 """Chat (vision-language) model runner: runs ONLY on the engine's single model thread.
 
-Everything here touches ``mlx.core``: load the model with mlx-vlm, render and tokenize
-prompts with the model's own chat template and processor, and decode token by token with
-mlx-vlm's ``generate_step`` (KV cache, prefill, image embeddings), mlx-lm's samplers and a
-streaming detokenizer from mlx-lm.
-
-Text-only checkpoints (no vision or audio config, a model type mlx-lm knows, e.g. gemma3_text
-converted from GGUF) are mlx-lm's: loaded with ``mlx_lm.load`` and decoded with mlx-lm's
-``generate_step``; the same interface, without images.
+Everything here touches ``mlx.core``: load the model with mlx-vlm (or mlx-lm for text-only
+checkpoints such as gemma3_text converted from GGUF), render and tokenize prompts with the
+model's own chat template and processor, and decode through a `ChatBatch`: the batched engine
+(engine.chat.batch) plus, per row, a `ReplyDecoder` that turns tokens into text (mlx-lm's
+streaming detokenizer), cuts stop strings and ends at end of turn or the token limit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
-import secrets
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Hashable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
 from functools import partial
@@ -23,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step as lm_generate_step
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     NaiveStreamingDetokenizer,
@@ -32,9 +29,9 @@ from mlx_lm.tokenizer_utils import (
 )
 from mlx_lm.utils import MODEL_REMAPPING as LM_MODEL_REMAPPING
 from mlx_lm.utils import load as lm_load
-from mlx_vlm.generate import generate_step
 from mlx_vlm.utils import load as vlm_load
 
+from engine.chat.batch import BatchEngine, RowParams
 from engine.chat.constraint import AnswerConstraint, json_grammar, tool_call_grammar
 from engine.chat.gemma_tokens import (
     THINK_CLOSE,
@@ -43,7 +40,14 @@ from engine.chat.gemma_tokens import (
     TOOL_CALL_OPEN,
     TURN_CLOSE,
 )
-from engine.chat.types import ChatParams, ChatStep, Constraint, PromptTooLongError, StopMatcher
+from engine.chat.types import (
+    ChatParams,
+    ChatStep,
+    Constraint,
+    PromptTooLongError,
+    RowStep,
+    StopMatcher,
+)
 from engine.jsonfile import read_json
 
 
@@ -52,7 +56,6 @@ def _json(path: Path) -> dict:
 
 
 REPLACEMENT_CHAR = "\ufffd"
-GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 FALLBACK_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
 
 
@@ -66,6 +69,7 @@ class PreparedPrompt:
     pixel_values: mx.array | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     n_images: int = 0
+    image_hashes: tuple[str, ...] = ()  # content hashes: prefix-cache keys of the images
 
 
 class ChatRunner:
@@ -179,6 +183,7 @@ class ChatRunner:
             pixel_values=pixel_values,
             model_kwargs=out,
             n_images=len(images),
+            image_hashes=tuple(_image_hash(im) for im in rgb),
         )
 
     # ------------------------------------------------------------ generation
@@ -199,48 +204,72 @@ class ChatRunner:
         """The text of one token on its own (for logprobs); special tokens included."""
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
+    def open_batch(self, *, max_batch: int, prefill_chunk: int, cache_bytes: int) -> ChatBatch:
+        """A batch of replies decoded together, one forward pass per step."""
+        engine = BatchEngine(
+            self.model,
+            is_vlm=self.accepts_images,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            cache_bytes=cache_bytes,
+            eos_ids=self.eos_token_ids,
+            image_token_id=self.image_token_id,
+        )
+        return ChatBatch(self, engine)
+
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token position costs at most (every layer caching it, model dtype)."""
+        text = self.config.get("text_config") or self.config
+        heads = int(text.get("num_key_value_heads") or text.get("num_attention_heads") or 1)
+        head_dim = int(
+            max(text.get("head_dim") or 0, text.get("global_head_dim") or 0)
+            or int(text.get("hidden_size", 0)) // max(int(text.get("num_attention_heads", 1)), 1)
+        )
+        layers = int(text.get("num_hidden_layers") or 1)
+        itemsize = (
+            4 if "float32" in str(text.get("torch_dtype") or self.config.get("torch_dtype")) else 2
+        )
+        return max(2 * layers * heads * head_dim * itemsize, 1)
+
+    def default_kv_tokens(self) -> int:
+        """KV token positions for all replies together: a quarter of the memory available now
+        (Metal: of the recommended working set), at least one full context."""
+        if mx.metal.is_available():
+            available = int(mx.metal.device_info().get("max_recommended_working_set_size", 0))
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return max(self.context_length, available // 4 // self.kv_bytes_per_token())
+
     def generate(
         self,
         prompt: PreparedPrompt,
         params: ChatParams,
         is_cancelled: Callable[[], bool],
     ) -> Iterator[ChatStep]:
-        limit = self._token_limit(prompt, params)
-        if is_cancelled():
-            yield ChatStep("", None, "cancelled")
-            return
-        if limit <= 0:
-            yield ChatStep("", None, "length")
-            return
-        tokens = self._token_stream(prompt, params, limit)
-        try:
-            yield from self._decode(tokens, limit, params, is_cancelled)
-        finally:
-            tokens.close()
+        """One reply on its own (a batch of one row, no prefix cache): for tools and tests."""
+        batch = self.open_batch(max_batch=1, prefill_chunk=2048, cache_bytes=0)
+        batch.add("alone", prompt, params)
+        while True:
+            if is_cancelled():
+                yield ChatStep("", None, "cancelled")
+                return
+            for row in batch.step():
+                yield row.step
+                if row.step.finish_reason is not None:
+                    return
 
-    def _token_stream(
-        self, prompt: PreparedPrompt, params: ChatParams, limit: int
-    ) -> Iterator[tuple[int, mx.array]]:
-        extra = self._constraints(params)
-        if not self.accepts_images:
-            processors = make_logits_processors(**_penalties(params)) + extra
-            return lm_generate_step(
-                prompt.input_ids[0],
-                self.model,
-                max_tokens=limit,
-                sampler=_sampler(params),
-                logits_processors=processors or None,
-            )
-        return generate_step(
-            prompt.input_ids,
-            self.model,
-            prompt.pixel_values,
-            None,
-            max_tokens=limit,
-            sampler=_sampler(params),
-            logits_processors=extra or None,
-            **_penalties(params),
-            **prompt.model_kwargs,
+    def row_params(self, params: ChatParams) -> RowParams:
+        """The engine's view of a request's sampling; constraint processors are built per row."""
+        return RowParams(
+            temperature=max(params.temperature, 0.0),
+            top_p=params.top_p,
+            top_k=max(params.top_k, 0),
+            min_p=params.min_p,
+            seed=params.seed,
+            repetition_penalty=params.repetition_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            logprobs=params.logprobs is not None,
         )
 
     def _constraints(self, params: ChatParams) -> list[Callable[[mx.array, mx.array], mx.array]]:
@@ -284,39 +313,6 @@ class ChatRunner:
         room = self.context_length - prompt.n_tokens
         return room if params.max_tokens is None else min(params.max_tokens, room)
 
-    def _decode(
-        self,
-        tokens: Iterator[tuple[int, mx.array]],
-        limit: int,
-        params: ChatParams,
-        is_cancelled: Callable[[], bool],
-    ) -> Iterator[ChatStep]:
-        detok = self._new_detokenizer()
-        stops = StopMatcher(params.stop)
-        for n, (token, logprobs) in enumerate(tokens, start=1):
-            logprob, top = _logprob_info(logprobs, token, params.logprobs)
-            if token in self.eos_token_ids:
-                text, _ = stops.feed(_finish(detok))
-                yield ChatStep(text + stops.flush(), token, "stop", logprob, top)
-                return
-            if token not in self._silent_ids:
-                detok.add_token(token)
-            text, stopped = stops.feed(_clean(detok.last_segment))
-            if stopped:
-                yield ChatStep(text, token, "stop", logprob, top)
-                return
-            if n >= limit:
-                text2, stopped = stops.feed(_finish(detok))
-                tail = "" if stopped else stops.flush()
-                yield ChatStep(
-                    text + text2 + tail, token, "stop" if stopped else "length", logprob, top
-                )
-                return
-            yield ChatStep(text, token, None, logprob, top)
-            if is_cancelled():
-                yield ChatStep("", None, "cancelled")
-                return
-
     def _new_detokenizer(self) -> Any:
         detok = copy(self._detokenizer)
         detok.reset()
@@ -324,6 +320,90 @@ class ChatRunner:
 
 
 # ------------------------------------------------------------------ helpers
+
+
+class ReplyDecoder:
+    """One reply's tokens into text: detokenize, cut stop strings, end at end of turn or at the
+    token limit (`limit` tokens)."""
+
+    def __init__(self, runner: ChatRunner, params: ChatParams, limit: int) -> None:
+        self.runner, self.params, self.limit = runner, params, limit
+        self.detok = runner._new_detokenizer()
+        self.stops = StopMatcher(params.stop)
+        self.count = 0
+
+    def feed(self, token: int, logprobs: mx.array | None) -> ChatStep:
+        self.count += 1
+        logprob, top = _logprob_info(logprobs, token, self.params.logprobs)
+        stops, detok = self.stops, self.detok
+        if token in self.runner.eos_token_ids:
+            text, _ = stops.feed(_finish(detok))
+            return ChatStep(text + stops.flush(), token, "stop", logprob, top)
+        if token not in self.runner._silent_ids:
+            detok.add_token(token)
+        text, stopped = stops.feed(_clean(detok.last_segment))
+        if stopped:
+            return ChatStep(text, token, "stop", logprob, top)
+        if self.count >= self.limit:
+            more, stopped = stops.feed(_finish(detok))
+            tail = "" if stopped else stops.flush()
+            reason = "stop" if stopped else "length"
+            return ChatStep(text + more + tail, token, reason, logprob, top)
+        return ChatStep(text, token, None, logprob, top)
+
+
+class ChatBatch:
+    """Replies decoded together: the batched engine plus a ReplyDecoder per row. A finished
+    row leaves the batch at once (its KV goes to the prefix cache)."""
+
+    def __init__(self, runner: ChatRunner, engine: BatchEngine) -> None:
+        self.runner, self.engine = runner, engine
+        self._decoders: dict[tuple[Hashable, int], ReplyDecoder] = {}
+        self._ended: list[RowStep] = []  # replies with no room for a single token
+
+    @property
+    def active(self) -> int:
+        return self.engine.active
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.engine.kv_tokens
+
+    def add(self, rid: Hashable, prompt: PreparedPrompt, params: ChatParams, n: int = 1) -> None:
+        limit = self.runner._token_limit(prompt, params)
+        if limit <= 0:
+            self._ended += [RowStep(rid, i, ChatStep("", None, "length"), 0) for i in range(n)]
+            return
+        processors = [self.runner._constraints(params) for _ in range(n)]  # fails early
+        row = self.runner.row_params(params)
+        if any(processors):
+            row = dataclasses.replace(row, processors=iter(processors).__next__)
+        self.engine.add(
+            rid,
+            prompt.input_ids,
+            pixel_values=prompt.pixel_values,
+            model_kwargs=prompt.model_kwargs,
+            image_hashes=prompt.image_hashes,
+            params=row,
+            n=n,
+        )
+        for index in range(n):
+            self._decoders[(rid, index)] = ReplyDecoder(self.runner, params, limit)
+
+    def remove(self, rid: Hashable, index: int | None = None) -> None:
+        self.engine.remove(rid, index=index)
+        for key in [k for k in self._decoders if k[0] == rid and index in (None, k[1])]:
+            del self._decoders[key]
+
+    def step(self) -> list[RowStep]:
+        out, self._ended = self._ended, []
+        for produced in self.engine.step():
+            key = (produced.rid, produced.index)
+            step = self._decoders[key].feed(produced.token, produced.logprobs)
+            out.append(RowStep(produced.rid, produced.index, step, produced.cached_tokens))
+            if step.finish_reason is not None:
+                self.remove(*key)
+        return out
 
 
 def is_text_only(config: dict) -> bool:
@@ -375,47 +455,6 @@ def _finish(detok: Any) -> str:
 def _clean(text: str) -> str:
     # Invalid byte sequences (a random or confused model) decode to U+FFFD: drop them.
     return text.replace(REPLACEMENT_CHAR, "")
-
-
-def _sampler(params: ChatParams) -> Callable[[mx.array], mx.array]:
-    sampler = make_sampler(
-        temp=max(params.temperature, 0.0),
-        top_p=params.top_p,
-        min_p=params.min_p,
-        top_k=max(params.top_k, 0),
-    )
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return KeyedSampler(sampler, seed)
-
-
-class KeyedSampler:
-    """Runs a sampler with this request's own PRNG stream, not the process-wide one.
-
-    mlx-lm's samplers draw from the global ``mx.random.state`` (read-only from Python),
-    so each call re-seeds it from (request seed, step): a seeded request stays
-    reproducible even when the scheduler interleaves the decode steps of several requests.
-    """
-
-    def __init__(self, sampler: Callable[[mx.array], mx.array], seed: int) -> None:
-        self.sampler = sampler
-        self.seed = seed
-        self.step = 0
-
-    def __call__(self, logprobs: mx.array) -> mx.array:
-        mx.random.seed((self.seed * GOLDEN_GAMMA + self.step) % 2**64)
-        self.step += 1
-        return self.sampler(logprobs)
-
-
-def _penalties(params: ChatParams) -> dict[str, float]:
-    out: dict[str, float] = {}
-    if params.repetition_penalty not in (None, 1.0):
-        out["repetition_penalty"] = params.repetition_penalty
-    if params.presence_penalty:
-        out["presence_penalty"] = params.presence_penalty
-    if params.frequency_penalty:
-        out["frequency_penalty"] = params.frequency_penalty
-    return out
 
 
 def _logprob_info(
@@ -485,3 +524,9 @@ def smoke_test(model_dir: Path) -> None:
     steps = list(runner.generate(prompt, params, lambda: False))
     if not steps or steps[-1].token is None:
         raise RuntimeError(f"{model_dir} loaded but generated nothing")
+
+
+def _image_hash(image: Any) -> str:
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()

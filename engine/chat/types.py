@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 # llguidance JSON options: compact separators, no free whitespace (a model cannot pad forever).
@@ -51,6 +52,25 @@ class ChatStep:
     finish_reason: str | None  # None until the last step: "stop", "length" or "cancelled"
     logprob: float | None = None  # only when ChatParams.logprobs is not None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RowStep:
+    """One decoded token of one reply (choice `index` of request `rid`)."""
+
+    rid: Hashable
+    index: int
+    step: ChatStep
+    cached_tokens: int | None  # prompt tokens the prefix cache served; on the first step only
+
+
+class RowFailed(Exception):
+    """One reply's own processing failed inside a batched step (its constraint, say); raised
+    from the original error, so the batch ends that reply only."""
+
+    def __init__(self, rid: Hashable) -> None:
+        super().__init__(f"reply {rid!r} failed")
+        self.rid = rid
 
 
 class PromptTooLongError(ValueError):
@@ -111,12 +131,14 @@ class Piece:
     text: str
     token: int | None
     logprob: dict[str, Any] | None = None
+    index: int = 0  # the choice it belongs to (n > 1)
 
 
 @dataclass
 class ChatOutcome:
-    finish_reason: str = "stop"
+    finish_reasons: list[str] = field(default_factory=lambda: ["stop"])  # one per choice
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # all choices together
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
     prompt_ms: float = 0.0
     predicted_ms: float = 0.0

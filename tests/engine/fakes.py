@@ -12,6 +12,7 @@ import numpy as np
 
 from engine import services
 from engine.app import ServiceSpec
+from engine.chat.types import RowFailed, RowStep
 from engine.config import Config
 from engine.store import ModelInfo
 
@@ -100,6 +101,12 @@ class FakeChat:
     def decode_token(self, token: int) -> str:
         return self.script[token - 100] if 0 <= token - 100 < len(self.script) else f"<{token}>"
 
+    def default_kv_tokens(self) -> int:
+        return 4096
+
+    def open_batch(self, *, max_batch: int, prefill_chunk: int, cache_bytes: int) -> FakeBatch:
+        return FakeBatch(self, max_batch)
+
     def generate(self, prompt, params, is_cancelled):
         from engine.chat.types import StopMatcher
 
@@ -124,6 +131,55 @@ class FakeChat:
                 return
             yield FakeStep(text, 100 + i, None, **extra)
         yield FakeStep(stops.flush(), 1, "stop")
+
+
+class FakeBatch:
+    """Plays each row's script one token a step, in the order rows were added; honours the
+    row limit like the real batch (a row past it waits)."""
+
+    def __init__(self, chat: FakeChat, max_batch: int) -> None:
+        self.chat, self.max_batch = chat, max_batch
+        self.rows: dict[tuple[Any, int], Any] = {}
+        self.held: list[RowStep] = []
+        self.steps = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def kv_tokens(self) -> int:
+        return 0
+
+    def add(self, rid: Any, prompt: Any, params: Any, n: int = 1) -> None:
+        for index in range(n):
+            self.rows[(rid, index)] = self.chat.generate(prompt, params, lambda: False)
+
+    def remove(self, rid: Any, index: int | None = None) -> None:
+        for key in [k for k in self.rows if k[0] == rid and index in (None, k[1])]:
+            del self.rows[key]
+
+    def step(self) -> list[RowStep]:
+        """Like the real batch, a row that fails ends only itself: the others' tokens of this
+        step come with the next call."""
+        self.steps += 1
+        out, self.held = self.held, []
+        if out:
+            return out
+        failed = None
+        for (rid, index), steps in list(self.rows.items())[: self.max_batch]:
+            try:
+                step = next(steps)
+            except Exception as exc:
+                failed = failed or (rid, exc)
+                continue
+            out.append(RowStep(rid, index, step, None))
+            if step.finish_reason is not None:
+                del self.rows[(rid, index)]
+        if failed is not None:
+            self.held = out
+            raise RowFailed(failed[0]) from failed[1]
+        return out
 
 
 class FakeSpeech:

@@ -46,7 +46,7 @@ def run(parallel: int, plan: list[tuple[float, ChatRequest]]) -> tuple:
     """Submit each request after its delay; return the runner, the outcome (or error) of each
     request, and the order in which the requests finished."""
     runner = RecordingChat()
-    config = Config(chat_parallel=parallel)
+    config = Config(chat_batch=parallel)
     worker = ModelThread("chat", lambda: runner, decode.policy(config), queue_size=8)
     finished: list[str] = []
 

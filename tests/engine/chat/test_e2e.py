@@ -248,7 +248,7 @@ def test_context_overflow_is_400_naming_both_numbers(api) -> None:
     [
         {"messages": []},
         {"messages": [{"role": "user", "content": "x"}], "temperature": 9},
-        {"messages": [{"role": "user", "content": "x"}], "n": 3},
+        {"messages": [{"role": "user", "content": "x"}], "n": 99},
         {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
         {
             "messages": [

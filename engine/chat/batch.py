@@ -1,0 +1,613 @@
+"""Batched chat decoding on one thread: one model call per step over every active row.
+
+Design in one paragraph: every row (one choice of one request) owns its own per-layer KV
+caches (the model's own ``KVCache`` / ``RotatingKVCache`` classes, exactly what the single-request
+path uses). A decode step stacks the rows' next tokens into a ``(B, 1)`` batch and calls the
+model once with a thin per-layer view (``_DecodeView``) in place of each layer's cache: the view
+hands every row's new key/value to that row's own cache and returns the rows' keys/values as a
+ragged list. The model's attention function is wrapped so that, for ragged keys only, it runs
+``mx.fast.scaled_dot_product_attention`` row by row over exactly that row's keys. All
+projections, MLPs, norms, embeddings and the LM head run batched (these hold the weights, so
+this is where batching pays); attention is per row and needs no padding and no masks.
+Result: a row computes bit for bit what it computes alone (verified: MLX's CPU GEMM rows do not
+depend on the batch size M), rows join and leave between steps with no re-padding, and a row's
+cache is an ordinary cache that can be copied (n > 1), snapshotted (prefix cache) or dropped.
+
+Prompts are prefilled one request at a time (batch of 1) in chunks of at most ``prefill_chunk``
+tokens, one chunk per ``step()`` alongside the batched decode of the running rows; while rows
+are decoding, the chunk is sized from measured speeds so that it costs about one decode step
+(running streams slow down at most about twofold while a long prompt is read). The prompt's
+last token is not prefilled but fed as the row's first decode input (as mlx-lm/mlx-vlm's
+``generate_step`` do), so prefill never computes LM-head logits.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
+
+from engine.chat.types import RowFailed
+
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
+MIN_PREFILL_CHUNK = 16
+EMA = 0.3  # weight of the newest timing in the running averages
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+# ---------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """Sampling and processing of one request (each of its ``n`` rows gets its own state)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None  # None: a fresh random seed per row
+    repetition_penalty: float | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_context_size: int = 20
+    logprobs: bool = False  # StepOut.logprobs carries the row's (vocab,) log-probabilities
+    # Builds this row's own logits processors (e.g. an AnswerConstraint); called once per row.
+    processors: Callable[[], Sequence[LogitsProcessor]] | None = None
+
+
+@dataclass(frozen=True)
+class StepOut:
+    rid: Hashable
+    index: int  # choice index, 0 .. n-1
+    token: int
+    logprobs: mx.array | None  # (vocab,) float32 when RowParams.logprobs
+    cached_tokens: int | None  # prompt tokens served by the prefix cache; first token only
+
+
+# ------------------------------------------------------------------- ragged batched decode
+
+
+class _RowKV:
+    """The keys (or values) of one layer for a decode step: one array per row, unpadded."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[mx.array]) -> None:
+        self.rows = rows
+
+
+class _DecodeView:
+    """Stands in for one layer's cache in a batched decode step (one new token per row)."""
+
+    def __init__(self, caches: list[Any]) -> None:
+        self.caches = caches
+        self.offset = mx.array([c.offset for c in caches])  # per-row RoPE positions
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[_RowKV, _RowKV]:
+        out_k, out_v = [], []
+        for i, cache in enumerate(self.caches):
+            k, v = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+            out_k.append(k)
+            out_v.append(v)
+        return _RowKV(out_k), _RowKV(out_v)
+
+    def make_mask(self, n: int, **_: Any) -> None:
+        # One query per row against exactly the keys that row may see (a rotating cache holds
+        # only the sliding window): no mask at all, like the single-request decode.
+        assert n == 1, "a decode view takes one token per row"
+
+
+def _install_ragged_attention(module: Any) -> None:
+    """Wrap ``module.scaled_dot_product_attention`` to run ragged (per-row) keys row by row.
+
+    Any other call (prefill, other users of the model) goes to the original unchanged.
+    """
+    original = getattr(module, "scaled_dot_product_attention", None)
+    if original is None:
+        raise TypeError(f"{module.__name__} has no scaled_dot_product_attention to batch")
+    if getattr(original, "ragged_rows", False):
+        return
+
+    def attention(queries: mx.array, keys: Any, values: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(keys, _RowKV):
+            return original(queries, keys, values, *args, **kwargs)
+        if kwargs.get("sinks") is not None or kwargs.get("mask") is not None:
+            raise NotImplementedError("ragged decode takes no mask or attention sinks")
+        scale = kwargs["scale"]
+        rows = [
+            mx.fast.scaled_dot_product_attention(queries[i : i + 1], k, v, scale=scale)
+            for i, (k, v) in enumerate(zip(keys.rows, values.rows, strict=True))
+        ]
+        return mx.concatenate(rows, axis=0)
+
+    attention.ragged_rows = True  # type: ignore[attr-defined]
+    module.scaled_dot_product_attention = attention
+
+
+# --------------------------------------------------------------------------- cache helpers
+
+
+def _clone_cache(cache: Any) -> Any:
+    """A new cache object over the same (immutable) arrays: writes to one never reach the other.
+
+    MLX arrays are values: a cache update replaces its own array handles (``a[i:j] = x`` swaps
+    the descriptor of that handle only), so fresh handles are an O(1) snapshot; the first
+    write to either side copies the buffer they share, once. Works for mlx-lm's and mlx-vlm's
+    ``KVCache`` / ``RotatingKVCache`` alike (plain attributes: arrays and ints).
+    """
+    clone = type(cache).__new__(type(cache))
+    clone.__dict__.update(
+        {
+            name: value[: value.shape[0]] if isinstance(value, mx.array) else value
+            for name, value in vars(cache).items()
+        }
+    )
+    return clone
+
+
+def _cache_arrays(caches: Iterable[Any]) -> list[mx.array]:
+    return [v for c in caches for v in vars(c).values() if isinstance(v, mx.array)]
+
+
+def _cache_nbytes(caches: Iterable[Any]) -> int:
+    return sum(a.nbytes for a in _cache_arrays(caches))
+
+
+def _n_image_runs(tokens: Sequence[int], image_token_id: int | None) -> int:
+    if image_token_id is None:
+        return 0
+    runs, inside = 0, False
+    for t in tokens:
+        if t == image_token_id and not inside:
+            runs += 1
+        inside = t == image_token_id
+    return runs
+
+
+@dataclass
+class _Snapshot:
+    tokens: tuple[int, ...]
+    images: tuple[str, ...]  # hashes of the images whose tokens lie inside ``tokens``
+    caches: list[Any]  # never written: every user gets clones
+    nbytes: int
+
+
+class PrefixCache:
+    """LRU of KV snapshots at exact token counts, bounded in bytes.
+
+    A snapshot is reused only when its tokens are a strict prefix of the new prompt and its
+    images are the prompt's first images (by content hash), so nothing is ever trimmed (a
+    sliding-window ``RotatingKVCache`` cannot be).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple[tuple[int, ...], tuple[str, ...]], _Snapshot] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, tokens: tuple[int, ...], images: tuple[str, ...], caches: list[Any]) -> bool:
+        key = (tokens, images)
+        if self.max_bytes <= 0 or not tokens:
+            return False
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return False
+        size = _cache_nbytes(caches)
+        if size > self.max_bytes:
+            return False
+        self._entries[key] = _Snapshot(tokens, images, caches, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+        return True
+
+    def lookup(self, tokens: Sequence[int], images: Sequence[str]) -> _Snapshot | None:
+        best: _Snapshot | None = None
+        n = len(tokens)
+        for snap in self._entries.values():
+            m = len(snap.tokens)
+            if m >= n or (best is not None and m <= len(best.tokens)):
+                continue
+            if tuple(images[: len(snap.images)]) != snap.images:
+                continue
+            if tuple(tokens[:m]) == snap.tokens:
+                best = snap
+        if best is not None:
+            self._entries.move_to_end((best.tokens, best.images))
+        return best
+
+
+# ------------------------------------------------------------------------------- the rows
+
+
+@dataclass
+class _Row:
+    rid: Hashable
+    index: int
+    prompt: tuple[int, ...]
+    images: tuple[str, ...]
+    caches: list[Any]
+    params: RowParams
+    seed: int
+    processors: list[LogitsProcessor]
+    next_token: int  # fed at the next step
+    cached_tokens: int
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_held(self) -> int:
+        return len(self.prompt) - 1 + len(self.generated)
+
+    def history(self) -> mx.array:
+        # What the single-request generate_step hands its processors: the prompt's last token
+        # and everything generated since.
+        return mx.array([self.prompt[-1], *self.generated])
+
+
+@dataclass
+class _Pending:
+    rid: Hashable
+    prompt: tuple[int, ...]
+    images: tuple[str, ...]
+    pixel_values: mx.array | None
+    model_kwargs: dict[str, Any]
+    params: RowParams
+    n: int
+    caches: list[Any] | None = None
+    done: int = 0  # prompt tokens already in the caches
+    cached_tokens: int = 0
+    embeds: mx.array | None = None
+    per_layer: mx.array | None = None
+    chunk: int = 0  # this request's chunk size (0: whole prompt at once)
+
+
+class BatchEngine:
+    """Continuous batching of chat decoding; call everything from one thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        is_vlm: bool,
+        max_batch: int,
+        prefill_chunk: int,
+        cache_bytes: int,
+        eos_ids: frozenset[int],
+        image_token_id: int | None = None,
+    ) -> None:
+        self.model = model
+        self.is_vlm = is_vlm
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.eos_ids = eos_ids
+        self.lm = model.language_model if is_vlm else model
+        if image_token_id is None and is_vlm:
+            image_token_id = getattr(model.config, "image_token_id", None)
+        self.image_token_id = image_token_id
+        self.prefix_cache = PrefixCache(cache_bytes)
+        self._rows: list[_Row] = []
+        self._pending: deque[_Pending] = deque()
+        self._decode_s: float | None = None  # a decode step's time (running average)
+        self._prefill_token_s: float | None = None  # prefill time per token (running average)
+        _install_ragged_attention(sys.modules[type(self.lm).__module__])
+        if is_vlm:  # the text model class lives next to the wrapper
+            inner = getattr(self.lm, "model", None)
+            if inner is not None:
+                _install_ragged_attention(sys.modules[type(inner).__module__])
+
+    # ------------------------------------------------------------------ public interface
+
+    def add(
+        self,
+        rid: Hashable,
+        prompt_ids: list[int] | mx.array,
+        *,
+        pixel_values: mx.array | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        image_hashes: Sequence[str] = (),
+        params: RowParams,
+        n: int = 1,
+    ) -> None:
+        if isinstance(prompt_ids, mx.array):
+            prompt = tuple(int(t) for t in prompt_ids.reshape(-1).tolist())
+        else:
+            prompt = tuple(int(t) for t in prompt_ids)
+        if not prompt:
+            raise ValueError("an empty prompt")
+        if n < 1 or n > self.max_batch:
+            raise ValueError(f"n must be in 1..{self.max_batch}")
+        if pixel_values is not None and not self.is_vlm:
+            raise ValueError("this model does not accept images")
+        if pixel_values is not None and not image_hashes:
+            raise ValueError("images need content hashes (prefix-cache keys)")
+        if any(r.rid == rid for r in self._rows) or any(p.rid == rid for p in self._pending):
+            raise ValueError(f"request {rid!r} is already in the engine")
+        self._pending.append(
+            _Pending(
+                rid,
+                prompt,
+                tuple(image_hashes),
+                pixel_values,
+                dict(model_kwargs or {}),
+                params,
+                n,
+            )
+        )
+
+    def remove(self, rid: Hashable, index: int | None = None, *, keep_cache: bool = True) -> None:
+        """Drop the rows of ``rid`` (only choice ``index`` if given) and its pending prefill.
+
+        With ``keep_cache`` each finished row's KV (prompt + generated tokens fed so far) goes
+        into the prefix cache as is (no copy), keyed by exactly those tokens.
+        """
+        if index is None:
+            self._pending = deque(p for p in self._pending if p.rid != rid)
+        kept = []
+        for row in self._rows:
+            if row.rid != rid or index not in (None, row.index):
+                kept.append(row)
+            elif keep_cache:
+                fed = row.prompt[:-1] + (row.prompt[-1], *row.generated[:-1])
+                self.prefix_cache.put(fed, self._images_within(fed, row.images), row.caches)
+        self._rows = kept
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def kv_tokens(self) -> int:
+        """Token positions held in KV by running rows and prompts being prefilled."""
+        return sum(r.tokens_held for r in self._rows) + sum(p.done for p in self._pending)
+
+    def kv_tokens_by_row(self) -> dict[tuple[Hashable, int], int]:
+        out = {(r.rid, r.index): r.tokens_held for r in self._rows}
+        for p in self._pending:
+            out[(p.rid, -1)] = p.done  # -1: the shared prompt still being read
+        return out
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of live KV (rows and prefills; the prefix cache: ``prefix_cache.nbytes``)."""
+        live = [c for r in self._rows for c in r.caches]
+        live += [c for p in self._pending if p.caches for c in p.caches]
+        return _cache_nbytes(live)
+
+    def step(self) -> list[StepOut]:
+        """One prefill chunk (if a prompt is waiting) and one batched decode of every row."""
+        started = time.perf_counter()
+        to_eval: list[Any] = []
+        decoding = bool(self._rows)
+        prefilled, joined = self._advance_prefill(to_eval)
+        self._rows.extend(joined)
+        if not self._rows:
+            if to_eval:
+                mx.eval(to_eval)
+            self._measure(time.perf_counter() - started, prefilled, decoding=False)
+            return []
+        tokens, logprobs = self._decode(self._rows)
+        mx.eval(tokens, logprobs, *to_eval)
+        self._measure(time.perf_counter() - started, prefilled, decoding=decoding)
+        outs = []
+        for i, (row, token) in enumerate(zip(self._rows, tokens.tolist(), strict=True)):
+            first = not row.generated
+            row.generated.append(token)
+            row.next_token = token
+            outs.append(
+                StepOut(
+                    row.rid,
+                    row.index,
+                    token,
+                    logprobs[i] if row.params.logprobs else None,
+                    row.cached_tokens if first else None,
+                )
+            )
+        return outs
+
+    # -------------------------------------------------------------------------- prefill
+
+    def _images_within(self, tokens: Sequence[int], images: tuple[str, ...]) -> tuple[str, ...]:
+        return images[: _n_image_runs(tokens, self.image_token_id)]
+
+    def _measure(self, seconds: float, prefilled: int, *, decoding: bool) -> None:
+        """Running averages of a decode step's time and of prefill time per token."""
+
+        def mix(old: float | None, new: float) -> float:
+            return new if old is None else (1 - EMA) * old + EMA * new
+
+        if prefilled == 0:
+            if decoding:
+                self._decode_s = mix(self._decode_s, seconds)
+            return
+        spent = seconds - (self._decode_s or 0.0) if decoding else seconds
+        self._prefill_token_s = mix(self._prefill_token_s, max(spent, 0.0) / prefilled)
+
+    def _chunk(self, job: _Pending) -> int:
+        """Tokens to prefill this step (0: the whole prompt): the most that costs about one
+        decode step while rows are decoding, else the configured chunk."""
+        if job.chunk <= 0 or not self._rows or not self._decode_s or not self._prefill_token_s:
+            return job.chunk
+        fit = int(self._decode_s / self._prefill_token_s)
+        return max(MIN_PREFILL_CHUNK, min(job.chunk, fit))
+
+    def _advance_prefill(self, to_eval: list[Any]) -> tuple[int, list[_Row]]:
+        """(prompt tokens prefilled this step, rows whose prompt is now fully read)."""
+        if not self._pending:
+            return 0, []
+        job = self._pending[0]
+        if job.caches is None:
+            if len(self._rows) + job.n > self.max_batch:
+                return 0, []  # wait for room
+            self._start(job)
+        assert job.caches is not None
+        target = len(job.prompt) - 1  # the last token is the first decode input
+        start = job.done
+        if job.done < target:
+            chunk = self._chunk(job)
+            end = target if chunk <= 0 else min(target, job.done + chunk)
+            self._prefill(job, job.done, end)
+            job.done = end
+            to_eval.extend(_cache_arrays(job.caches))
+        prefilled = job.done - start
+        if job.done < target:
+            return prefilled, []
+        self._pending.popleft()
+        key = job.prompt[:target]
+        if job.cached_tokens < target and self.prefix_cache.max_bytes > 0:
+            snap = [_clone_cache(c) for c in job.caches]
+            self.prefix_cache.put(key, self._images_within(key, job.images), snap)
+        return prefilled, self._make_rows(job)
+
+    def _start(self, job: _Pending) -> None:
+        snap = None
+        if len(job.prompt) > 1:
+            snap = self.prefix_cache.lookup(job.prompt, job.images)  # keeps >= 1 token to feed
+        if snap is not None:
+            job.caches = [_clone_cache(c) for c in snap.caches]
+            job.done = job.cached_tokens = len(snap.tokens)
+        else:
+            job.caches = self.lm.make_cache()
+        job.chunk = self.prefill_chunk
+        if self.is_vlm and len(job.prompt) > 1:
+            ids = mx.array([job.prompt])
+            features = self.model.get_input_embeddings(
+                ids, job.pixel_values, mask=None, **job.model_kwargs
+            )
+            job.embeds = features.inputs_embeds
+            job.per_layer = getattr(features, "per_layer_inputs", None)
+            policy = getattr(self.lm, "chunked_prefill_policy", None)
+            if policy is not None and not policy(
+                input_ids=ids, inputs_embeds=job.embeds, prefill_kwargs=job.model_kwargs
+            ):
+                job.chunk = 0  # e.g. bidirectional image attention: read the prompt whole
+
+    def _prefill(self, job: _Pending, start: int, end: int) -> None:
+        ids = mx.array([job.prompt[start:end]])
+        if not self.is_vlm:
+            self.lm(ids, cache=job.caches)  # logits stay lazy and are never computed
+            return
+        assert job.embeds is not None
+        extra = {}
+        for name in ("mm_token_type_ids", "token_type_ids"):
+            value = job.model_kwargs.get(name)
+            if isinstance(value, mx.array):
+                extra[name] = value[:, start:end]
+        self.lm(
+            inputs=ids,
+            inputs_embeds=job.embeds[:, start:end],
+            per_layer_inputs=None if job.per_layer is None else job.per_layer[:, start:end],
+            cache=job.caches,
+            logits_to_keep=1,
+            **extra,
+        )
+
+    def _make_rows(self, job: _Pending) -> list[_Row]:
+        assert job.caches is not None
+        rows = []
+        for index in range(job.n):
+            caches = job.caches if index == 0 else [_clone_cache(c) for c in job.caches]
+            if job.params.seed is None:
+                seed = secrets.randbits(63)
+            else:
+                seed = (job.params.seed + index * GOLDEN_GAMMA) % 2**64
+            rows.append(
+                _Row(
+                    job.rid,
+                    index,
+                    job.prompt,
+                    job.images,
+                    caches,
+                    job.params,
+                    seed,
+                    _row_processors(job.params),
+                    job.prompt[-1],
+                    job.cached_tokens,
+                )
+            )
+        return rows
+
+    # --------------------------------------------------------------------------- decode
+
+    def _decode(self, rows: list[_Row]) -> tuple[mx.array, mx.array]:
+        inputs = mx.array([[r.next_token] for r in rows])
+        n_layers = len(rows[0].caches)
+        views = [_DecodeView([r.caches[layer] for r in rows]) for layer in range(n_layers)]
+        out = self.lm(inputs, cache=views)
+        logits = getattr(out, "logits", out)[:, -1, :]
+        if any(r.processors for r in rows):
+            parts = []
+            for i, row in enumerate(rows):
+                part = logits[i : i + 1]
+                if row.processors:
+                    history = row.history()
+                    try:
+                        for proc in row.processors:
+                            part = proc(history, part)
+                    except Exception as exc:  # that row's own constraint: end it alone
+                        raise RowFailed(row.rid) from exc
+                parts.append(part)
+            logits = mx.concatenate(parts, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(r.params.temperature <= 0 for r in rows):
+            return mx.argmax(logprobs, axis=-1), logprobs
+        picks = [_sample_row(logprobs[i : i + 1], row) for i, row in enumerate(rows)]
+        return mx.concatenate(picks, axis=0), logprobs
+
+
+def _row_processors(params: RowParams) -> list[LogitsProcessor]:
+    procs: list[LogitsProcessor] = make_logits_processors(
+        repetition_penalty=params.repetition_penalty
+        if params.repetition_penalty not in (None, 1.0)
+        else None,
+        repetition_context_size=params.repetition_context_size,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=params.repetition_context_size,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=params.repetition_context_size,
+    )
+    if params.processors is not None:
+        procs.extend(params.processors())
+    return procs
+
+
+def row_key(seed: int, step: int) -> mx.array:
+    """The PRNG key of a row's ``step``-th token: a function of (seed, step) only.
+
+    It is the key MLX's global generator hands out first after ``mx.random.seed(s)``, so a row
+    draws exactly what the single-request ``KeyedSampler`` drew, without global state.
+    """
+    s = (seed * GOLDEN_GAMMA + step) % 2**64
+    return mx.random.split(mx.random.key(s))[1]
+
+
+def _sample_row(logprobs: mx.array, row: _Row) -> mx.array:
+    """mlx-lm's sampler chain (top-p, min-p, top-k, categorical) on one (1, vocab) row."""
+    p = row.params
+    if p.temperature <= 0:
+        return mx.argmax(logprobs, axis=-1)
+    if 0 < p.top_p < 1.0:
+        logprobs = apply_top_p(logprobs, p.top_p)
+    if p.min_p != 0.0:
+        logprobs = apply_min_p(logprobs, p.min_p, 1)
+    if p.top_k > 0:
+        logprobs = apply_top_k(logprobs, p.top_k)
+    key = row_key(row.seed, len(row.generated))
+    return mx.random.categorical(logprobs * (1.0 / p.temperature), key=key)
