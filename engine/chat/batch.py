@@ -446,7 +446,7 @@ class BatchEngine:
         if job.chunk <= 0 or not self._rows or not self._decode_s or not self._prefill_token_s:
             return job.chunk
         fit = int(self._decode_s / self._prefill_token_s)
-        return max(MIN_PREFILL_CHUNK, min(job.chunk, fit))
+        return max(min(MIN_PREFILL_CHUNK, job.chunk), min(job.chunk, fit))
 
     def _advance_prefill(self, to_eval: list[Any]) -> tuple[int, list[_Row]]:
         """(prompt tokens prefilled this step, rows whose prompt is now fully read)."""
