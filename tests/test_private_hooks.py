@@ -52,31 +52,70 @@ def test_mlx_lm_model_remapping() -> None:
 
 
 @pytest.mark.parametrize(
-    ("distribution", "module", "function"),
+    ("distribution", "module"),
     [
-        ("mlx-lm", "mlx_lm.generate", "generate_step"),
-        ("mlx-vlm", "mlx_vlm.generate.ar", "generate_step"),
+        ("mlx-lm", "mlx_lm.models.gemma3_text"),
+        ("mlx-lm", "mlx_lm.models.gemma4_text"),
+        ("mlx-vlm", "mlx_vlm.models.gemma4.language"),
     ],
 )
-def test_logits_processors_see_the_tokens_so_far(
-    distribution: str, module: str, function: str
-) -> None:
-    """engine.chat.constraint.AnswerConstraint reads the last sampled token from `tokens`."""
+def test_attention_is_a_module_level_function(distribution: str, module: str) -> None:
+    """engine.chat.batch wraps the model module's `scaled_dot_product_attention` so that a
+    batched decode step attends over each row's own keys (ragged, no padding)."""
+    loaded = importlib.import_module(module)
     check(
         distribution,
-        f"{module}.{function} calls processor(tokens, logits)",
-        lambda: "processor(tokens, logits)" in source_of(module, function),
+        f"{module}.scaled_dot_product_attention (called from the attention layer)",
+        lambda: (
+            callable(loaded.scaled_dot_product_attention)
+            and "scaled_dot_product_attention(" in inspect.getsource(loaded)
+        ),
     )
 
 
-def test_mlx_vlm_generate_step_signature() -> None:
-    from mlx_vlm.generate import generate_step
+@pytest.mark.parametrize(
+    ("distribution", "module"),
+    [("mlx-lm", "mlx_lm.models.cache"), ("mlx-vlm", "mlx_vlm.models.cache")],
+)
+def test_kv_caches_are_plain_attributes(distribution: str, module: str) -> None:
+    """engine.chat.batch clones a cache by copying its attributes (arrays and ints) and hands
+    each layer a stand-in with `offset`, `update_and_fetch` and `make_mask`."""
+    import mlx.core as mx
 
-    expected = ["input_ids", "model", "pixel_values", "mask"]
+    caches = importlib.import_module(module)
+
+    def plain() -> bool:
+        cache = caches.KVCache()
+        cache.update_and_fetch(mx.zeros((1, 1, 2, 4)), mx.zeros((1, 1, 2, 4)))
+        rotating = caches.RotatingKVCache(max_size=4)
+        return {"keys", "values", "offset"} <= set(vars(cache)) and hasattr(rotating, "make_mask")
+
+    check(distribution, f"{module}.KVCache / RotatingKVCache attributes", plain)
+
+
+def test_mlx_vlm_gemma4_embeddings_and_language_model_call() -> None:
+    """engine.chat.batch prefills a VLM prompt from `get_input_embeddings` (vision merged) in
+    chunks through the language model's `inputs_embeds` / `per_layer_inputs`."""
+    from mlx_vlm.models.gemma4 import gemma4, language
+
+    def shaped() -> bool:
+        embed = inspect.signature(gemma4.Model.get_input_embeddings).parameters
+        call = inspect.signature(language.LanguageModel.__call__).parameters
+        wanted = {"inputs", "inputs_embeds", "per_layer_inputs", "cache", "kwargs"}
+        return {"input_ids", "pixel_values", "kwargs"} <= set(embed) and wanted <= set(call)
+
+    check("mlx-vlm", "gemma4 get_input_embeddings / LanguageModel.__call__ parameters", shaped)
+
+
+def test_mlx_lm_sampling_steps() -> None:
+    """engine.chat.batch samples each row with mlx-lm's own top-p, min-p and top-k steps."""
+    from mlx_lm import sample_utils
+
+    names = ("apply_top_p", "apply_min_p", "apply_top_k", "make_logits_processors")
     check(
-        "mlx-vlm",
-        "generate_step(input_ids, model, pixel_values, mask, ...)",
-        lambda: list(inspect.signature(generate_step).parameters)[:4] == expected,
+        "mlx-lm",
+        "mlx_lm.sample_utils." + "/".join(names),
+        lambda: all(callable(getattr(sample_utils, n)) for n in names),
     )
 
 
