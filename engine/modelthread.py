@@ -88,13 +88,53 @@ class Job:
 
     async def stream(self):
         """Yield stream events until the job ends; then `result()` gives the outcome."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self):
+        """Yield the stream events in lists: each list holds every event that had arrived by
+        then (a streaming handler sends them in one write); `result()` gives the outcome."""
         assert self.events is not None
         try:
-            while (item := await self.events.get()) is not _END:
-                yield item
+            while True:
+                item = await self.events.get()
+                batch = []
+                while item is not _END:
+                    batch.append(item)
+                    if self.events.empty():
+                        break
+                    item = self.events.get_nowait()
+                if batch:
+                    yield batch
+                if item is _END:
+                    return
         except (asyncio.CancelledError, GeneratorExit):
             self.cancel()
             raise
+
+
+class Outbox:
+    """Stream events a policy produces during one step, handed to the event loop in one
+    wake-up (`flush`) instead of one per event. Flush before finishing a job."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[Job, Any]] = []
+
+    def emit(self, job: Job, item: Any) -> None:
+        if job.events is not None:
+            self._items.append((job, item))
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        items[0][0].loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[Job, Any]]) -> None:
+    for job, item in items:
+        job.events.put_nowait(item)  # type: ignore[union-attr]
 
 
 # Whether a queued job may join the jobs taken so far in one `Inbox.take` call.

@@ -32,7 +32,7 @@ from engine.chat.types import (
 )
 from engine.config import Config
 from engine.errors import InvalidRequest, Unavailable
-from engine.modelthread import Cancelled, Inbox, Job, Policy, as_client_error
+from engine.modelthread import Cancelled, Inbox, Job, Outbox, Policy, as_client_error
 
 log = logging.getLogger("mlxd.chat")
 
@@ -146,6 +146,7 @@ class Scheduler:
         self.budget = config.chat_kv_tokens or runner.default_kv_tokens()
         self.replies: dict[int, _Reply] = {}
         self.waiting: deque[_Reply] = deque()  # prepared, waiting for KV room, in order
+        self.outbox = Outbox()  # a step's tokens reach the event loop in one wake-up
         self._ids = 0
 
     @property
@@ -283,6 +284,7 @@ class Scheduler:
         for row in rows:
             if (reply := self.replies.get(row.rid)) is not None:
                 self._advance(reply, row, now)
+        self.outbox.flush()
 
     def _advance(self, reply: _Reply, row: RowStep, now: float) -> None:
         step = row.step
@@ -296,7 +298,7 @@ class Scheduler:
         if self._shows_logprob(reply, step):
             entry = _logprob_entry(self.runner, step)
         if step.text or step.token is not None:
-            reply.job.emit(Piece(step.text, step.token, entry, row.index))
+            self.outbox.emit(reply.job, Piece(step.text, step.token, entry, row.index))
         if step.finish_reason is None:
             self._extend(reply, row.index)
             return
@@ -326,6 +328,7 @@ class Scheduler:
             self._finish(reply, time.perf_counter())
 
     def _finish(self, reply: _Reply, now: float) -> None:
+        self.outbox.flush()  # its last tokens before its end
         self.replies.pop(reply.rid, None)
         first = reply.first_token_at or now
         reply.outcome.prompt_ms = (first - reply.started) * 1000
@@ -334,6 +337,7 @@ class Scheduler:
 
     def _fail(self, reply: _Reply, error: BaseException) -> None:
         """Take a running reply out (rows and KV freed now) and fail its job."""
+        self.outbox.flush()
         self.replies.pop(reply.rid, None)
         self.batch.remove(reply.rid)
         reply.job.finish(error=error)

@@ -19,7 +19,6 @@ from engine.app import ServiceSpec, resolve_requested_model
 from engine.chat import decode
 from engine.chat.request import parse_request
 from engine.chat.response import Reply, completion_body, stream_reply
-from engine.chat.types import Started
 from engine.config import Config
 from engine.errors import InvalidRequest
 from engine.modelthread import Job
@@ -39,20 +38,24 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     chat = await parse_request(request, body)
     job = request.app.ctx.worker.submit(chat, stream=True)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-    events = job.stream()
-    started: Started = await _first_event(job, events)  # errors before generation: plain JSON
+    events = job.batches()
+    started, *early = await _first_batch(job, events)  # errors before generation: plain JSON
     replies = [Reply(chat, started, index) for index in range(chat.n)]
     if stream:
-        await stream_reply(request, job, events, meta, replies, include_usage)
+        await stream_reply(request, job, events, meta, replies, include_usage, early)
         return None
-    async for piece in events:
+    for piece in early:
         replies[piece.index].add(piece)
+    async for batch in events:
+        for piece in batch:
+            replies[piece.index].add(piece)
     for reply in replies:
         reply.finish()
     return json_response(completion_body(await job.result(), replies, meta))
 
 
-async def _first_event(job: Job, events: Any) -> Any:
+async def _first_batch(job: Job, events: Any) -> list[Any]:
+    """The first events: `Started`, then any pieces that came with it."""
     try:
         return await anext(events)
     except StopAsyncIteration:

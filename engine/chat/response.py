@@ -84,7 +84,10 @@ async def stream_reply(
     meta: dict,
     replies: list[Reply],
     include_usage: bool,
+    early: list[Piece],
 ) -> None:
+    """SSE: a role chunk per choice, then the pieces as they come (those that arrived together
+    in one chunk per choice), `: keepalive` while waiting, the finishing chunks and [DONE]."""
     response = await request.respond(
         content_type="text/event-stream", headers={"cache-control": "no-cache"}
     )
@@ -93,17 +96,19 @@ async def stream_reply(
         for reply in replies:
             role = {"role": "assistant", "content": ""}
             await response.send(_sse(chunk(meta, role, index=reply.index)))
+        await _send(response, _piece_frames(meta, replies, early))
         while True:
             pending = asyncio.ensure_future(anext(events, None))
             while not (await asyncio.wait({pending}, timeout=KEEPALIVE_S))[0]:
                 await response.send(": keepalive\n\n")
-            piece = pending.result()
-            if piece is None:
+            pieces = pending.result()
+            if pieces is None:
                 break
-            reply = replies[piece.index]
-            await _send_delta(response, meta, reply, reply.add(piece))
-        for reply in replies:
-            await _send_delta(response, meta, reply, reply.finish())
+            if _client_gone(request):
+                return  # the job is cancelled on the way out
+            await _send(response, _piece_frames(meta, replies, pieces))
+        tails = [_frames(meta, r, delta_payloads(r.finish(), r)) for r in replies]
+        await _send(response, "".join(tails))
         await _stream_end(response, job, meta, replies, include_usage)
     finally:
         if pending is not None and not pending.done():
@@ -112,10 +117,41 @@ async def stream_reply(
             job.cancel()
 
 
-async def _send_delta(response: Any, meta: dict, reply: Reply, delta: Delta) -> None:
-    for payload in delta_payloads(delta, reply):
-        logprobs = reply.take_logprobs()
-        await response.send(_sse(chunk(meta, payload, logprobs=logprobs, index=reply.index)))
+def _client_gone(request: Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _send(response: Any, frames: str) -> None:
+    if frames:  # an empty write would end a chunked response
+        await response.send(frames)
+
+
+def _piece_frames(meta: dict, replies: list[Reply], pieces: list[Piece]) -> str:
+    """The SSE frames for pieces that arrived together: one chunk per choice and kind."""
+    payloads: dict[int, list[dict[str, Any]]] = {}
+    for piece in pieces:
+        reply = replies[piece.index]
+        payloads.setdefault(piece.index, []).extend(delta_payloads(reply.add(piece), reply))
+    return "".join(_frames(meta, replies[i], _merged(items)) for i, items in payloads.items())
+
+
+def _merged(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adjacent text payloads of the same kind joined (tool calls stay apart)."""
+    out: list[dict[str, Any]] = []
+    for item in payloads:
+        if out and out[-1].keys() == item.keys() and "tool_calls" not in item:
+            out[-1] = {key: out[-1][key] + item[key] for key in item}
+        else:
+            out.append(dict(item))
+    return out
+
+
+def _frames(meta: dict, reply: Reply, payloads: list[dict[str, Any]]) -> str:
+    return "".join(
+        _sse(chunk(meta, payload, logprobs=reply.take_logprobs(), index=reply.index))
+        for payload in payloads
+    )
 
 
 def delta_payloads(delta: Delta, reply: Reply) -> list[dict[str, Any]]:
