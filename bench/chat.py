@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -59,6 +60,9 @@ WORDS = [
 ]
 
 
+LONG_LIMIT = {"tiny": 3800}  # the tiny model's context is 4,096 tokens
+
+
 def filler(n_words: int, seed: int = 0) -> str:
     return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words))
 
@@ -74,25 +78,63 @@ class Stream:
         return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> Stream:
-    out = Stream()
-    started = time.perf_counter()
+async def _body(reader: asyncio.StreamReader, chunked: bool):
+    """The response body as it arrives (chunked transfer decoded; else until the close)."""
+    if not chunked:
+        while data := await reader.read(65536):
+            yield data
+        return
+    while size := int((await reader.readline()).strip() or b"0", 16):
+        yield await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
+async def stream_chat(url: str, body: dict, out: Stream | None = None) -> Stream:
+    """One streamed chat completion over a bare HTTP/1.1 connection: httpx's per-line parsing
+    costs as much CPU as a tiny model's server on this 2-core machine, and would be measured.
+    Cancelling the task closes the connection (the client leaves); `out` keeps what came."""
+    out = out if out is not None else Stream()
+    parts = urlsplit(url)
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", url + "/v1/chat/completions", json=payload) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                out.tokens = chunk["usage"]["completion_tokens"]
-            for choice in chunk.get("choices", []):
-                delta = choice.get("delta", {})
-                if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
-                    now = time.perf_counter()
-                    out.ttft = out.ttft if out.ttft is not None else now - started
-                    out.stamps.append(now)
+    data = json.dumps(payload).encode()
+    started = time.perf_counter()
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    writer.write(head.encode() + data)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"{status.decode().strip()}: {(await reader.read(400))!r}")
+    chunked = False
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        chunked |= line.lower().startswith(b"transfer-encoding: chunked")
+    buffer = b""
+    try:
+        async for piece in _body(reader, chunked):
+            buffer += piece
+            *lines, buffer = buffer.split(b"\n")
+            now = time.perf_counter()
+            for line in lines:
+                _read_event(out, line, now, started)
+    finally:
+        writer.close()
     return out
+
+
+def _read_event(out: Stream, line: bytes, now: float, started: float) -> None:
+    if not line.startswith(b"data: {"):
+        return
+    chunk = json.loads(line[6:])
+    if chunk.get("usage"):
+        out.tokens = chunk["usage"]["completion_tokens"]
+    for choice in chunk.get("choices", []):
+        delta = choice.get("delta", {})
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+            out.ttft = out.ttft if out.ttft is not None else now - started
+            out.stamps.append(now)
 
 
 def request(text: str, max_tokens: int, **extra: object) -> dict:
@@ -114,15 +156,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def concurrent(url: str, clients: int, max_tokens: int) -> dict[str, float]:
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
-        await stream_chat(client, url, request("warm up", 4))
-        started = time.perf_counter()
-        bodies = [
-            request(f"Tell me a story, number {i}. " + filler(8, i), max_tokens)
-            for i in range(clients)
-        ]
-        streams = await asyncio.gather(*(stream_chat(client, url, b) for b in bodies))
-        wall = time.perf_counter() - started
+    await stream_chat(url, request("warm up", 4))
+    started = time.perf_counter()
+    bodies = [
+        request(f"Tell me a story, number {i}. " + filler(8, i), max_tokens) for i in range(clients)
+    ]
+    streams = await asyncio.gather(*(stream_chat(url, b) for b in bodies))
+    wall = time.perf_counter() - started
     tokens = sum(s.tokens or len(s.stamps) for s in streams)
     gaps = [g for s in streams for g in s.gaps]
     ttfts = [s.ttft for s in streams if s.ttft is not None]
@@ -135,32 +175,61 @@ async def concurrent(url: str, clients: int, max_tokens: int) -> dict[str, float
     }
 
 
-async def second_turn_ttft(url: str, prefix_words: int) -> float:
-    """Turn 1 with a long system prompt, then turn 2 on the same conversation: its TTFT."""
-    system = {"role": "system", "content": "Context: " + filler(prefix_words, 3)}
+def words_for(url: str, tokens: int) -> int:
+    """How many filler words make a prompt of about `tokens` tokens on this model."""
+    probe = request(filler(200, 1), 1)
+    used = httpx.post(url + "/v1/chat/completions", json=probe, timeout=600).json()
+    per_word = used["usage"]["prompt_tokens"] / 200
+    return max(1, int(tokens / per_word))
+
+
+def second_turn_ttft(url: str, prefix_tokens: int) -> tuple[float, int, int]:
+    """Turn 1 with a long system prompt, then turn 2 of the same conversation:
+    (its time to first token, its prompt tokens, the cached ones)."""
+    words = words_for(url, prefix_tokens)
+    system = {"role": "system", "content": "Context: " + filler(words, 3)}
     first = [system, {"role": "user", "content": "Summarise the context in a word."}]
-    async with httpx.AsyncClient(timeout=600) as client:
-        body = {"model": "m", "messages": first, "max_tokens": 8, "temperature": 0.0}
-        reply = (await client.post(url + "/v1/chat/completions", json=body)).json()
-        answer = reply["choices"][0]["message"].get("content") or ""
-        second = [*first, {"role": "assistant", "content": answer}]
-        second.append({"role": "user", "content": "And in two words?"})
-        body = {"model": "m", "messages": second, "max_tokens": 4, "temperature": 0.0}
-        return (await stream_chat(client, url, body)).ttft or float("nan")
+    body = {"model": "m", "messages": first, "max_tokens": 8, "temperature": 0.0}
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
+    answer = reply["choices"][0]["message"].get("content") or "Words."
+    second = [*first, {"role": "assistant", "content": answer}]
+    second.append({"role": "user", "content": "And in two words?"})
+    body = {"model": "m", "messages": second, "max_tokens": 1, "temperature": 0.0}
+    started = time.perf_counter()
+    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
+    usage = reply["usage"]
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    return time.perf_counter() - started, usage["prompt_tokens"], cached
 
 
-async def gap_during_long_prefill(url: str, running: int, prompt_words: int) -> tuple[float, float]:
-    """(steady p50 gap, largest gap) of `running` streams while a long prompt is prefilled."""
-    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(max_connections=64)) as client:
-        await stream_chat(client, url, request("warm up", 4))
-        bodies = [request(f"Count slowly {i}.", 160) for i in range(running)]
-        tasks = [asyncio.create_task(stream_chat(client, url, b)) for b in bodies]
-        await asyncio.sleep(1.5)  # let them reach steady decoding
-        arrived = time.perf_counter()
-        long = asyncio.create_task(stream_chat(client, url, request(filler(prompt_words, 5), 2)))
-        streams = await asyncio.gather(*tasks)
-        done = await long
+async def gap_during_long_prefill(
+    url: str, running: int, prompt_tokens: int
+) -> tuple[float, float, int]:
+    """(steady p50 gap, largest gap, prompt tokens) of `running` streams while a long prompt
+    is read. A stream that ends (end of turn) is replaced, so `running` keep decoding until
+    the long prompt's first token is out."""
+    words = words_for(url, prompt_tokens)
+    await stream_chat(url, request("warm up", 4))
+    streams: list[Stream] = []
+    stop = asyncio.Event()
+
+    async def keep_one_running(i: int) -> None:
+        while not stop.is_set():
+            streams.append(Stream())
+            body = request(f"Count slowly {i}.", 3000, temperature=1.0, seed=len(streams))
+            await stream_chat(url, body, streams[-1])
+
+    tasks = [asyncio.create_task(keep_one_running(i)) for i in range(running)]
+    while sum(len(s.stamps) for s in streams) < 20 * running:  # steady decoding first
+        await asyncio.sleep(0.05)
+    arrived = time.perf_counter()
+    done = await stream_chat(url, request(filler(words, 5), 2))
     first_token_at = arrived + (done.ttft or 0.0)
+    stop.set()
+    await asyncio.sleep(0.5)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     steady = [g for s in streams for a, g in zip(s.stamps, s.gaps, strict=False) if a < arrived]
     during = [
         b - a
@@ -168,7 +237,7 @@ async def gap_during_long_prefill(url: str, running: int, prompt_words: int) -> 
         for a, b in zip(s.stamps, s.stamps[1:], strict=False)
         if b >= arrived and a <= first_token_at
     ]
-    return pct(steady, 0.5), max(during, default=float("nan"))
+    return pct(steady, 0.5), max(during, default=float("nan")), done.tokens
 
 
 # ---------------------------------------------------------------------------- servers
@@ -236,13 +305,14 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
     try:
         ours = sweep(server.url, levels, args.max_tokens)
         table(f"mlxd, {name}: {args.max_tokens} tokens a client", ours)
-        cached = asyncio.run(second_turn_ttft(server.url, args.prefix_words))
-        steady, worst = asyncio.run(gap_during_long_prefill(server.url, 4, args.long_words))
+        cached, n_prompt, n_cached = second_turn_ttft(server.url, args.prefix_tokens)
+        long_tokens = min(args.long_tokens, LONG_LIMIT.get(name, args.long_tokens))
+        steady, worst, _ = asyncio.run(gap_during_long_prefill(server.url, 4, long_tokens))
     finally:
         server.close()
     nocache = Mlxd(model, tmp, "--chat-cache-bytes", "0")
     try:
-        uncached = asyncio.run(second_turn_ttft(nocache.url, args.prefix_words))
+        uncached, _, _ = second_turn_ttft(nocache.url, args.prefix_tokens)
     finally:
         nocache.close()
     top = 8 if 8 in ours else max(ours)
@@ -251,11 +321,11 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
         f"{ours[top]['tok/s'] / ours[min(ours)]['tok/s']:.2f}x"
     )
     print(
-        f"second turn TTFT, ~{args.prefix_words}-word shared prefix: cache on {cached:.3f}s, "
-        f"off {uncached:.3f}s, ratio {cached / uncached:.2f}x"
+        f"second turn ({n_prompt} prompt tokens, {n_cached} cached) time to first token: "
+        f"cache on {cached:.3f}s, off {uncached:.3f}s, ratio {cached / uncached:.2f}x"
     )
     print(
-        f"running streams while a ~{args.long_words}-word prompt arrives: steady p50 gap "
+        f"running streams while a ~{long_tokens}-token prompt arrives: steady p50 gap "
         f"{steady:.3f}s, largest gap {worst:.3f}s, ratio {worst / steady:.2f}x"
     )
     if args.peer and name != "tiny":
@@ -288,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", action="append", help="tiny, gemma3 or a model directory")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--prefix-words", type=int, default=1400, help="~2,000 tokens")
-    parser.add_argument("--long-words", type=int, default=2800, help="~4,000 tokens")
+    parser.add_argument("--prefix-tokens", type=int, default=2000)
+    parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip mlx_lm.server")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:

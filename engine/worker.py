@@ -20,6 +20,7 @@ from engine.config import Config
 from engine.store.catalog import SERVICES
 
 CONFIG_ENV = "MLXD_SERVICE_CONFIG"
+SWITCH_INTERVAL_S = 0.0005
 
 
 def setup_logging(level: str, service: str) -> None:
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     config = Config.from_json(os.environ[CONFIG_ENV])
     setup_logging(config.log_level, service)
     sock = socket.socket(fileno=fd)
+    # The event loop and the model thread share the GIL; Python's default 5 ms switch interval
+    # makes the loop wait that long to stream a token while the model thread runs Python code.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     exit_with_parent()
     app = create_app(services.spec(service), config)
     app.run(sock=sock, single_process=True, access_log=False, motd=False, verbosity=0)
