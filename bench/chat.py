@@ -138,9 +138,10 @@ def _read_event(out: Stream, line: bytes, now: float, started: float) -> None:
 
 
 def request(text: str, max_tokens: int, **extra: object) -> dict:
+    """A chat body without "model": each server uses its own (mlx_lm.server would try to
+    download a model named in the request)."""
     messages = [{"role": "user", "content": text}]
     return {
-        "model": "m",
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -189,12 +190,12 @@ def second_turn_ttft(url: str, prefix_tokens: int) -> tuple[float, int, int]:
     words = words_for(url, prefix_tokens)
     system = {"role": "system", "content": "Context: " + filler(words, 3)}
     first = [system, {"role": "user", "content": "Summarise the context in a word."}]
-    body = {"model": "m", "messages": first, "max_tokens": 8, "temperature": 0.0}
+    body = {"messages": first, "max_tokens": 8, "temperature": 0.0}
     reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
     answer = reply["choices"][0]["message"].get("content") or "Words."
     second = [*first, {"role": "assistant", "content": answer}]
     second.append({"role": "user", "content": "And in two words?"})
-    body = {"model": "m", "messages": second, "max_tokens": 1, "temperature": 0.0}
+    body = {"messages": second, "max_tokens": 1, "temperature": 0.0}
     started = time.perf_counter()
     reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
     usage = reply["usage"]
@@ -295,6 +296,7 @@ def table(title: str, rows: dict[int, dict[str, float]]) -> None:
 
 
 def sweep(url: str, levels: list[int], max_tokens: int) -> dict[int, dict[str, float]]:
+    asyncio.run(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
     return {n: asyncio.run(concurrent(url, n, max_tokens)) for n in levels}
 
 
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="tiny, gemma3 or a model directory")
     parser.add_argument("--concurrency", default="1,2,4,8,16")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefix-tokens", type=int, default=2000)
     parser.add_argument("--long-tokens", type=int, default=4000)
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip mlx_lm.server")

@@ -13,10 +13,11 @@ Result: a row computes bit for bit what it computes alone (verified: MLX's CPU G
 depend on the batch size M), rows join and leave between steps with no re-padding, and a row's
 cache is an ordinary cache that can be copied (n > 1), snapshotted (prefix cache) or dropped.
 
-Prompts are prefilled one request at a time (batch of 1) in chunks of at most ``prefill_chunk``
-tokens, one chunk per ``step()`` alongside the batched decode of the running rows; while rows
-are decoding, the chunk is sized from measured speeds so that it costs about one decode step
-(running streams slow down at most about twofold while a long prompt is read). The prompt's
+Prompts are prefilled request by request (batch of 1 each), oldest first, within a token budget
+per ``step()`` of at most ``prefill_chunk`` (several short prompts fit one step), alongside the
+batched decode of the running rows; while rows are decoding, the budget is sized from measured
+speeds so that it costs about one decode step (running streams slow down at most about twofold
+while a long prompt is read). The prompt's
 last token is not prefilled but fed as the row's first decode input (as mlx-lm/mlx-vlm's
 ``generate_step`` do), so prefill never computes LM-head logits.
 """
@@ -272,7 +273,7 @@ class _Pending:
     cached_tokens: int = 0
     embeds: mx.array | None = None
     per_layer: mx.array | None = None
-    chunk: int = 0  # this request's chunk size (0: whole prompt at once)
+    whole: bool = False  # the prompt must be read in one go (e.g. bidirectional image attention)
 
 
 class BatchEngine:
@@ -392,7 +393,7 @@ class BatchEngine:
         return _cache_nbytes(live)
 
     def step(self) -> list[StepOut]:
-        """One prefill chunk (if a prompt is waiting) and one batched decode of every row."""
+        """Read waiting prompts within the step's budget, and decode one token of every row."""
         started = time.perf_counter()
         to_eval: list[Any] = []
         decoding = bool(self._rows)
@@ -440,41 +441,42 @@ class BatchEngine:
         spent = seconds - (self._decode_s or 0.0) if decoding else seconds
         self._prefill_token_s = mix(self._prefill_token_s, max(spent, 0.0) / prefilled)
 
-    def _chunk(self, job: _Pending) -> int:
-        """Tokens to prefill this step (0: the whole prompt): the most that costs about one
-        decode step while rows are decoding, else the configured chunk."""
-        if job.chunk <= 0 or not self._rows or not self._decode_s or not self._prefill_token_s:
-            return job.chunk
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to read this step: about one decode step's worth while rows are
+        decoding (measured), else the configured chunk."""
+        if not self._rows or not self._decode_s or not self._prefill_token_s:
+            return self.prefill_chunk
         fit = int(self._decode_s / self._prefill_token_s)
-        return max(min(MIN_PREFILL_CHUNK, job.chunk), min(job.chunk, fit))
+        return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(self.prefill_chunk, fit))
 
     def _advance_prefill(self, to_eval: list[Any]) -> tuple[int, list[_Row]]:
-        """(prompt tokens prefilled this step, rows whose prompt is now fully read)."""
-        if not self._pending:
-            return 0, []
-        job = self._pending[0]
-        if job.caches is None:
-            if len(self._rows) + job.n > self.max_batch:
-                return 0, []  # wait for room
-            self._start(job)
-        assert job.caches is not None
-        target = len(job.prompt) - 1  # the last token is the first decode input
-        start = job.done
-        if job.done < target:
-            chunk = self._chunk(job)
-            end = target if chunk <= 0 else min(target, job.done + chunk)
-            self._prefill(job, job.done, end)
-            job.done = end
-            to_eval.extend(_cache_arrays(job.caches))
-        prefilled = job.done - start
-        if job.done < target:
-            return prefilled, []
-        self._pending.popleft()
-        key = job.prompt[:target]
-        if job.cached_tokens < target and self.prefix_cache.max_bytes > 0:
-            snap = [_clone_cache(c) for c in job.caches]
-            self.prefix_cache.put(key, self._images_within(key, job.images), snap)
-        return prefilled, self._make_rows(job)
+        """Read waiting prompts, oldest first, within this step's token budget (several short
+        ones at once). Returns (prompt tokens read, rows whose prompt is now fully read)."""
+        budget, read, joined = self._prefill_budget(), 0, []
+        while self._pending and budget > 0:
+            job = self._pending[0]
+            if job.caches is None:
+                if len(self._rows) + len(joined) + job.n > self.max_batch:
+                    break  # wait for room
+                self._start(job)
+            assert job.caches is not None
+            target = len(job.prompt) - 1  # the last token is the first decode input
+            if job.done < target:
+                take = target - job.done if job.whole else min(target - job.done, budget)
+                self._prefill(job, job.done, job.done + take)
+                job.done += take
+                budget -= take
+                read += take
+                to_eval.extend(_cache_arrays(job.caches))
+            if job.done < target:
+                break
+            self._pending.popleft()
+            key = job.prompt[:target]
+            if job.cached_tokens < target and self.prefix_cache.max_bytes > 0:
+                snap = [_clone_cache(c) for c in job.caches]
+                self.prefix_cache.put(key, self._images_within(key, job.images), snap)
+            joined += self._make_rows(job)
+        return read, joined
 
     def _start(self, job: _Pending) -> None:
         snap = None
@@ -485,7 +487,6 @@ class BatchEngine:
             job.done = job.cached_tokens = len(snap.tokens)
         else:
             job.caches = self.lm.make_cache()
-        job.chunk = self.prefill_chunk
         if self.is_vlm and len(job.prompt) > 1:
             ids = mx.array([job.prompt])
             features = self.model.get_input_embeddings(
@@ -497,7 +498,7 @@ class BatchEngine:
             if policy is not None and not policy(
                 input_ids=ids, inputs_embeds=job.embeds, prefill_kwargs=job.model_kwargs
             ):
-                job.chunk = 0  # e.g. bidirectional image attention: read the prompt whole
+                job.whole = True
 
     def _prefill(self, job: _Pending, start: int, end: int) -> None:
         ids = mx.array([job.prompt[start:end]])
