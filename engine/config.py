@@ -98,7 +98,7 @@ class Config:
         1 << 30, "prefix cache (KV reused across requests), bytes; 0: off"
     )
     chat_kv_tokens: int = setting(
-        0, "KV token positions for all replies together; 0: a quarter of free memory"
+        0, "KV token positions for all replies together; 0: from a quarter of free memory"
     )
     shutdown_timeout: float = setting(10.0, "seconds to finish work on SIGTERM")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")

@@ -218,27 +218,37 @@ class ChatRunner:
         return ChatBatch(self, engine)
 
     def kv_bytes_per_token(self) -> int:
-        """KV bytes one token position costs at most (every layer caching it, model dtype)."""
+        """KV bytes one more token position costs: the layers that cache every position (not
+        sliding-window layers, whose cache stops growing at the window, nor layers that share
+        another layer's KV), keys and values, in the weights' float width."""
         text = self.config.get("text_config") or self.config
-        heads = int(text.get("num_key_value_heads") or text.get("num_attention_heads") or 1)
+        n_layers = int(text.get("num_hidden_layers") or 1)
+        own = n_layers - int(text.get("num_kv_shared_layers") or 0)
+        types = text.get("layer_types") or ["full_attention"] * n_layers
+        full = sum(1 for kind in types[:own] if kind != "sliding_attention") or 1
+        heads = int(
+            text.get("num_global_key_value_heads")
+            or text.get("num_key_value_heads")
+            or text.get("num_attention_heads")
+            or 1
+        )
         head_dim = int(
-            max(text.get("head_dim") or 0, text.get("global_head_dim") or 0)
-            or int(text.get("hidden_size", 0)) // max(int(text.get("num_attention_heads", 1)), 1)
+            text.get("global_head_dim")
+            or text.get("head_dim")
+            or int(text.get("hidden_size", 64)) // max(int(text.get("num_attention_heads", 1)), 1)
         )
-        layers = int(text.get("num_hidden_layers") or 1)
-        itemsize = (
-            4 if "float32" in str(text.get("torch_dtype") or self.config.get("torch_dtype")) else 2
-        )
-        return max(2 * layers * heads * head_dim * itemsize, 1)
+        dtype = text.get("torch_dtype") or self.config.get("torch_dtype") or text.get("dtype")
+        itemsize = 4 if "float32" in str(dtype) else 2
+        return 2 * full * heads * head_dim * itemsize
 
     def default_kv_tokens(self) -> int:
-        """KV token positions for all replies together: a quarter of the memory available now
-        (Metal: of the recommended working set), at least one full context."""
+        """KV token positions for all replies together: a quarter of the memory available at
+        start (Metal: of the recommended working set) over `kv_bytes_per_token`."""
         if mx.metal.is_available():
             available = int(mx.metal.device_info().get("max_recommended_working_set_size", 0))
         else:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return max(self.context_length, available // 4 // self.kv_bytes_per_token())
+        return max(1, available // 4 // self.kv_bytes_per_token())
 
     def generate(
         self,
