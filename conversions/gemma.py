@@ -118,7 +118,6 @@ def convert(
     return {"dtype": dtype, "quantization": quant, **fields}
 
 
-
 def detect_source(source: Path) -> tuple[str, Path]:
     """("gguf" | "hf-vlm" | "hf-text", the path to read) for a GGUF file or an HF directory."""
     if not source.exists():

@@ -245,13 +245,14 @@ class _Row:
     params: RowParams
     seed: int
     processors: list[LogitsProcessor]
-    next_token: int  # fed at the next step
+    next_input: int | mx.array  # fed at the next step: a token id, or the step in flight's
     cached_tokens: int
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # tokens known so far
+    steps: int = 0  # decode steps built (the last one may still be in flight)
 
     @property
     def tokens_held(self) -> int:
-        return len(self.prompt) - 1 + len(self.generated)
+        return len(self.prompt) - 1 + self.steps
 
     def history(self) -> mx.array:
         # What the single-request generate_step hands its processors: the prompt's last token
@@ -274,6 +275,19 @@ class _Pending:
     embeds: mx.array | None = None
     per_layer: mx.array | None = None
     whole: bool = False  # the prompt must be read in one go (e.g. bidirectional image attention)
+
+
+@dataclass
+class _Inflight:
+    """A launched step: its rows in batch order, its lazy results, what else it evaluates."""
+
+    rows: list[_Row]
+    tokens: mx.array | None
+    logprobs: mx.array | None
+    to_eval: list[Any]
+    prefilled: int
+    decoding: bool  # rows were decoding when it was built
+    started: float
 
 
 class BatchEngine:
@@ -304,6 +318,8 @@ class BatchEngine:
         self._pending: deque[_Pending] = deque()
         self._decode_s: float | None = None  # a decode step's time (running average)
         self._prefill_token_s: float | None = None  # prefill time per token (running average)
+        self._inflight: _Inflight | None = None  # the step computing now, not yet read back
+        self._last_read: float | None = None
         _install_ragged_attention(sys.modules[type(self.lm).__module__])
         if is_vlm:  # the text model class lives next to the wrapper
             inner = getattr(self.lm, "model", None)
@@ -361,8 +377,8 @@ class BatchEngine:
         for row in self._rows:
             if row.rid != rid or index not in (None, row.index):
                 kept.append(row)
-            elif keep_cache:
-                fed = row.prompt[:-1] + (row.prompt[-1], *row.generated[:-1])
+            elif keep_cache:  # the caches hold the prompt and every input fed since
+                fed = row.prompt + tuple(row.generated[: row.steps - 1])
                 self.prefix_cache.put(fed, self._images_within(fed, row.images), row.caches)
         self._rows = kept
 
@@ -393,31 +409,61 @@ class BatchEngine:
         return _cache_nbytes(live)
 
     def step(self) -> list[StepOut]:
-        """Read waiting prompts within the step's budget, and decode one token of every row."""
+        """Launch a step (read waiting prompts within the budget, decode one token of every
+        row) and return the tokens of the step before it, read back meanwhile.
+
+        Pipelined like mlx-lm's generators: the next step's graph is built and handed to MLX
+        (`async_eval`) before the previous one's tokens are read, so the host work overlaps
+        the compute; a step's tokens come back with the next call. Rows with logits
+        processors (penalties, constraints) need their last token's value first: then the
+        step in flight is read back before the next one is built."""
+        outs = self._read_back() if any(r.processors for r in self._rows) else []
         started = time.perf_counter()
         to_eval: list[Any] = []
         decoding = bool(self._rows)
         prefilled, joined = self._advance_prefill(to_eval)
         self._rows.extend(joined)
-        if not self._rows:
-            if to_eval:
-                mx.eval(to_eval)
-            self._measure(time.perf_counter() - started, prefilled, decoding=False)
+        launched = _Inflight([], None, None, to_eval, prefilled, decoding, started)
+        if self._rows:
+            tokens, logprobs = self._decode(self._rows)
+            for i, row in enumerate(self._rows):
+                row.next_input = tokens[i]
+                row.steps += 1
+            launched = _Inflight(
+                list(self._rows), tokens, logprobs, to_eval, prefilled, decoding, started
+            )
+            mx.async_eval(tokens, logprobs, *to_eval)
+        elif to_eval:
+            mx.async_eval(to_eval)
+        outs += self._read_back()
+        self._inflight = launched if (launched.rows or to_eval) else None
+        return outs
+
+    def _read_back(self) -> list[StepOut]:
+        """The tokens of the step in flight (waiting for it), for the rows still here."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
             return []
-        tokens, logprobs = self._decode(self._rows)
-        mx.eval(tokens, logprobs, *to_eval)
-        self._measure(time.perf_counter() - started, prefilled, decoding=decoding)
+        values = flight.tokens.tolist() if flight.tokens is not None else []
+        if flight.tokens is None:
+            mx.eval(flight.to_eval)
+        now = time.perf_counter()
+        since = max(self._last_read or flight.started, flight.started)
+        self._measure(now - since, flight.prefilled, decoding=flight.decoding)
+        self._last_read = now
+        live = {id(row) for row in self._rows}
         outs = []
-        for i, (row, token) in enumerate(zip(self._rows, tokens.tolist(), strict=True)):
+        for i, (row, token) in enumerate(zip(flight.rows, values, strict=True)):
+            if id(row) not in live:
+                continue  # removed while its step was computing
             first = not row.generated
             row.generated.append(token)
-            row.next_token = token
             outs.append(
                 StepOut(
                     row.rid,
                     row.index,
                     token,
-                    logprobs[i] if row.params.logprobs else None,
+                    flight.logprobs[i] if row.params.logprobs else None,
                     row.cached_tokens if first else None,
                 )
             )
@@ -548,7 +594,7 @@ class BatchEngine:
     # --------------------------------------------------------------------------- decode
 
     def _decode(self, rows: list[_Row]) -> tuple[mx.array, mx.array]:
-        inputs = mx.array([[r.next_token] for r in rows])
+        inputs = mx.stack([mx.array(r.next_input).reshape(1) for r in rows])
         n_layers = len(rows[0].caches)
         views = [_DecodeView([r.caches[layer] for r in rows]) for layer in range(n_layers)]
         out = self.lm(inputs, cache=views)
@@ -569,7 +615,7 @@ class BatchEngine:
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(r.params.temperature <= 0 for r in rows):
             return mx.argmax(logprobs, axis=-1), logprobs
-        picks = [_sample_row(logprobs[i : i + 1], row) for i, row in enumerate(rows)]
+        picks = [_sample_row(logprobs[i : i + 1], row, row.steps) for i, row in enumerate(rows)]
         return mx.concatenate(picks, axis=0), logprobs
 
 
@@ -599,7 +645,7 @@ def row_key(seed: int, step: int) -> mx.array:
     return mx.random.split(mx.random.key(s))[1]
 
 
-def _sample_row(logprobs: mx.array, row: _Row) -> mx.array:
+def _sample_row(logprobs: mx.array, row: _Row, step: int) -> mx.array:
     """mlx-lm's sampler chain (top-p, min-p, top-k, categorical) on one (1, vocab) row."""
     p = row.params
     if p.temperature <= 0:
@@ -610,5 +656,5 @@ def _sample_row(logprobs: mx.array, row: _Row) -> mx.array:
         logprobs = apply_min_p(logprobs, p.min_p, 1)
     if p.top_k > 0:
         logprobs = apply_top_k(logprobs, p.top_k)
-    key = row_key(row.seed, len(row.generated))
+    key = row_key(row.seed, step)
     return mx.random.categorical(logprobs * (1.0 / p.temperature), key=key)
