@@ -20,7 +20,6 @@ CLS-pooled, MiniLM mean-pooled; a source without a pooling config gets CLS (bge'
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,10 +67,7 @@ def read_source_config(source: Path) -> dict[str, Any]:
     path = source / "config.json"
     if not path.is_file():
         raise ConversionError(f"{source} is not a Hugging Face model directory: no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConversionError(f"{path} is not valid JSON: {exc}") from exc
+    config = read_source_json(path) or {}
     model_type = str(config.get("model_type", "")).replace("_", "-")
     if model_type not in ARCHITECTURES:
         raise ConversionError(

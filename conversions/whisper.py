@@ -251,7 +251,7 @@ def _hf_weight_files(source: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = source / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set((read_source_json(index) or {})["weight_map"].values()))
             missing = [s for s in shards if not (source / s).is_file()]
             if missing:
                 raise ConversionError(f"{source}: missing weight shards {', '.join(missing)}")
@@ -292,7 +292,7 @@ def _read_weight_file(path: Path) -> dict[str, mx.array]:
 
 def read_hf(source: Path) -> Checkpoint:
     where = str(source / "config.json")
-    config = json.loads((source / "config.json").read_text())
+    config = read_source_json(source / "config.json") or {}
     dims = _hf_dims(config, where)
     weights: dict[str, mx.array] = {}
     for path in _hf_weight_files(source):
