@@ -205,9 +205,9 @@ def second_turn_ttft(url: str, prefix_tokens: int) -> tuple[float, int, int]:
 
 async def gap_during_long_prefill(
     url: str, running: int, prompt_tokens: int
-) -> tuple[float, float, int]:
-    """(steady p50 gap, largest gap, prompt tokens) of `running` streams while a long prompt
-    is read. A stream that ends (end of turn) is replaced, so `running` keep decoding until
+) -> tuple[float, float, float]:
+    """(steady p50 gap, largest gap while a long prompt is read, largest gap before it) of
+    `running` streams. A stream that ends (end of turn) is replaced, so `running` keep decoding until
     the long prompt's first token is out."""
     words = words_for(url, prompt_tokens)
     await stream_chat(url, request("warm up", 4))
@@ -238,7 +238,7 @@ async def gap_during_long_prefill(
         for a, b in zip(s.stamps, s.stamps[1:], strict=False)
         if b >= arrived and a <= first_token_at
     ]
-    return pct(steady, 0.5), max(during, default=float("nan")), done.tokens
+    return pct(steady, 0.5), max(during, default=float("nan")), max(steady, default=float("nan"))
 
 
 # ---------------------------------------------------------------------------- servers
@@ -309,7 +309,8 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
         table(f"mlxd, {name}: {args.max_tokens} tokens a client", ours)
         cached, n_prompt, n_cached = second_turn_ttft(server.url, args.prefix_tokens)
         long_tokens = min(args.long_tokens, LONG_LIMIT.get(name, args.long_tokens))
-        steady, worst, _ = asyncio.run(gap_during_long_prefill(server.url, 4, long_tokens))
+        gaps = asyncio.run(gap_during_long_prefill(server.url, 4, long_tokens))
+        steady, worst, jitter = gaps
     finally:
         server.close()
     nocache = Mlxd(model, tmp, "--chat-cache-bytes", "0")
@@ -328,7 +329,8 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
     )
     print(
         f"running streams while a ~{long_tokens}-token prompt arrives: steady p50 gap "
-        f"{steady:.3f}s, largest gap {worst:.3f}s, ratio {worst / steady:.2f}x"
+        f"{steady:.3f}s, largest gap {worst:.3f}s, ratio {worst / steady:.2f}x (before it "
+        f"arrived, the largest gap was {jitter:.3f}s: {jitter / steady:.2f}x)"
     )
     if args.peer and name != "tiny":
         peer = MlxLmServer(model, tmp, max(levels))

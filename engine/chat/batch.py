@@ -39,7 +39,7 @@ from engine.chat.types import RowFailed
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 MIN_PREFILL_CHUNK = 16
-EMA = 0.3  # weight of the newest timing in the running averages
+EMA = 0.2  # weight of the newest timing in the running averages
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -318,6 +318,7 @@ class BatchEngine:
         self._pending: deque[_Pending] = deque()
         self._decode_s: float | None = None  # a decode step's time (running average)
         self._prefill_token_s: float | None = None  # prefill time per token (running average)
+        self._last_budget = prefill_chunk  # prompt tokens the last step could read
         self._inflight: _Inflight | None = None  # the step computing now, not yet read back
         self._last_read: float | None = None
         _install_ragged_attention(sys.modules[type(self.lm).__module__])
@@ -489,11 +490,16 @@ class BatchEngine:
 
     def _prefill_budget(self) -> int:
         """Prompt tokens to read this step: about one decode step's worth while rows are
-        decoding (measured), else the configured chunk."""
+        decoding (measured; at most twice the last step's, as timings are noisy), else the
+        configured chunk."""
         if not self._rows or not self._decode_s or not self._prefill_token_s:
+            self._last_budget = self.prefill_chunk
             return self.prefill_chunk
         fit = int(self._decode_s / self._prefill_token_s)
-        return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(self.prefill_chunk, fit))
+        floor = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
+        budget = max(floor, min(self.prefill_chunk, fit, 2 * self._last_budget))
+        self._last_budget = budget
+        return budget
 
     def _advance_prefill(self, to_eval: list[Any]) -> tuple[int, list[_Row]]:
         """Read waiting prompts, oldest first, within this step's token budget (several short
