@@ -207,8 +207,8 @@ async def gap_during_long_prefill(
     url: str, running: int, prompt_tokens: int
 ) -> tuple[float, float, float]:
     """(steady p50 gap, largest gap while a long prompt is read, largest gap before it) of
-    `running` streams. A stream that ends (end of turn) is replaced, so `running` keep decoding until
-    the long prompt's first token is out."""
+    `running` streams. A stream that ends (end of turn) is replaced, so `running` keep
+    decoding until the long prompt's first token is out."""
     words = words_for(url, prompt_tokens)
     await stream_chat(url, request("warm up", 4))
     streams: list[Stream] = []
