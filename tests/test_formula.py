@@ -54,7 +54,7 @@ Metrics:
 # Declared by mlx-vlm / mlx-whisper but never imported by mlxd: must not be resources.
 NOT_RESOURCES = {
     "torch", "datasets", "pyarrow", "pandas", "opencv-python", "fastapi", "uvicorn",
-    "mlx-audio", "llguidance", "cryptography", "protobuf", "starlette", "more-itertools",
+    "mlx-audio", "cryptography", "protobuf", "starlette", "more-itertools",
     "sympy", "mlx-cpu",
 }  # fmt: skip
 # The development venv's certifi is a local build (.post1) that PyPI does not have.

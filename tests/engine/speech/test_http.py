@@ -219,7 +219,7 @@ def test_openai_sdk_every_format(sdk: openai.OpenAI, clip: bytes) -> None:
     assert verbose.words is None
 
 
-def sampled_until_words(create: Callable[[], Any], attempts: int = 5) -> Any:
+def sampled_until_words(create: Callable[[], Any], attempts: int = 20) -> Any:
     """The tiny random model, sampling, sometimes ends at once with no words; ask again."""
     for _ in range(attempts):
         result = create()
