@@ -137,11 +137,10 @@ def test_a_second_turn_reuses_the_cache_and_answers_as_without(
         assert warm["usage"]["prompt_tokens"] == cool["usage"]["prompt_tokens"]
 
 
+@pytest.mark.parametrize("model", ["tiny-gemma4"], indirect=True)  # Gemma 3 270M reads no images
 def test_different_images_with_the_same_text_never_share_state(
     server: Server, cold: Server, model
 ) -> None:
-    if model[0] != "tiny-gemma4":
-        pytest.skip("Gemma 3 270M is text-only")
     text = "Which colour is this picture?"
     bodies = {
         color: {"messages": user(text, color), "max_tokens": 6, "temperature": 0, "logprobs": True}
