@@ -7,8 +7,8 @@ with mlx_lm.server on the same weights. Prints tables and ratios (no thresholds)
 Per model and concurrency: aggregate completion tokens/s, p50/p95 time to first token, p50 and
 max gap between tokens, ratio to one client. Then: second-turn time to first token with a
 ~2,000-token shared prefix, prefix cache on and off; the largest gap of running streams while a
-~4,000-token prompt arrives, against their steady p50 gap. Absolute numbers from a shared CPU
-mean little: read the ratios.
+~4,000-token prompt arrives, against their steady p50 gap. Each number is the median of
+`--trials` runs (3). Absolute numbers from a shared CPU mean little: read the ratios.
 """
 
 from __future__ import annotations
@@ -184,23 +184,26 @@ def words_for(url: str, tokens: int) -> int:
     return max(1, int(tokens / per_word))
 
 
-def second_turn_ttft(url: str, prefix_tokens: int) -> tuple[float, int, int]:
+def second_turn_ttft(url: str, prefix_tokens: int, trial: int = 0) -> tuple[float, int, int]:
     """Turn 1 with a long system prompt, then turn 2 of the same conversation:
-    (its time to first token, its prompt tokens, the cached ones)."""
+    (its time to first token, its prompt tokens, the cached ones). Each trial is a new
+    conversation, on one kept-alive connection (httpx.post() would build a client per call)."""
     words = words_for(url, prefix_tokens)
-    system = {"role": "system", "content": "Context: " + filler(words, 3)}
+    system = {"role": "system", "content": "Context: " + filler(words, 3 + trial)}
     first = [system, {"role": "user", "content": "Summarise the context in a word."}]
-    body = {"messages": first, "max_tokens": 8, "temperature": 0.0}
-    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
-    answer = reply["choices"][0]["message"].get("content") or "Words."
-    second = [*first, {"role": "assistant", "content": answer}]
-    second.append({"role": "user", "content": "And in two words?"})
-    body = {"messages": second, "max_tokens": 1, "temperature": 0.0}
-    started = time.perf_counter()
-    reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=900).json()
+    with httpx.Client(base_url=url, timeout=900) as client:
+        body = {"messages": first, "max_tokens": 8, "temperature": 0.0}
+        reply = client.post("/v1/chat/completions", json=body).json()
+        answer = reply["choices"][0]["message"].get("content") or "Words."
+        second = [*first, {"role": "assistant", "content": answer}]
+        second.append({"role": "user", "content": "And in two words?"})
+        body = {"messages": second, "max_tokens": 1, "temperature": 0.0}
+        started = time.perf_counter()
+        reply = client.post("/v1/chat/completions", json=body).json()
+        seconds = time.perf_counter() - started
     usage = reply["usage"]
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    return time.perf_counter() - started, usage["prompt_tokens"], cached
+    return seconds, usage["prompt_tokens"], cached
 
 
 async def gap_during_long_prefill(
@@ -295,27 +298,50 @@ def table(title: str, rows: dict[int, dict[str, float]]) -> None:
         )
 
 
-def sweep(url: str, levels: list[int], max_tokens: int) -> dict[int, dict[str, float]]:
+def median_by(runs: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The run whose `key` is the median (its other numbers with it)."""
+    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+
+
+def sweep(url: str, levels: list[int], max_tokens: int, trials: int) -> dict[int, dict[str, float]]:
     asyncio.run(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
-    return {n: asyncio.run(concurrent(url, n, max_tokens)) for n in levels}
+    runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
+    for _ in range(trials):  # interleaved, so a slow spell of the machine hits every level
+        for n in levels:
+            runs[n].append(asyncio.run(concurrent(url, n, max_tokens)))
+    return {n: median_by(r, "tok/s") for n, r in runs.items()}
+
+
+def second_turns(url: str, prefix_tokens: int, trials: int) -> tuple[float, int, int]:
+    """The median second-turn time to first token over `trials` conversations."""
+    runs = [second_turn_ttft(url, prefix_tokens, t) for t in range(trials)]
+    return sorted(runs)[len(runs) // 2]
+
+
+def long_prefill_gaps(url: str, long_tokens: int, trials: int) -> dict[str, float]:
+    """The trial with the median ratio of largest gap during the long prefill to steady p50."""
+    runs = []
+    for _ in range(trials):
+        steady, worst, jitter = asyncio.run(gap_during_long_prefill(url, 4, long_tokens))
+        runs.append({"steady": steady, "worst": worst, "jitter": jitter, "ratio": worst / steady})
+    return median_by(runs, "ratio")
 
 
 def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     print(f"\n=== {name}: {model}")
     server = Mlxd(model, tmp, "--chat-batch", str(max(levels)))
+    long_tokens = min(args.long_tokens, LONG_LIMIT.get(name, args.long_tokens))
     try:
-        ours = sweep(server.url, levels, args.max_tokens)
+        ours = sweep(server.url, levels, args.max_tokens, args.trials)
         table(f"mlxd, {name}: {args.max_tokens} tokens a client", ours)
-        cached, n_prompt, n_cached = second_turn_ttft(server.url, args.prefix_tokens)
-        long_tokens = min(args.long_tokens, LONG_LIMIT.get(name, args.long_tokens))
-        gaps = asyncio.run(gap_during_long_prefill(server.url, 4, long_tokens))
-        steady, worst, jitter = gaps
+        cached, n_prompt, n_cached = second_turns(server.url, args.prefix_tokens, args.trials)
+        gaps = long_prefill_gaps(server.url, long_tokens, args.trials)
     finally:
         server.close()
     nocache = Mlxd(model, tmp, "--chat-cache-bytes", "0")
     try:
-        uncached, _, _ = second_turn_ttft(nocache.url, args.prefix_tokens)
+        uncached, _, _ = second_turns(nocache.url, args.prefix_tokens, args.trials)
     finally:
         nocache.close()
     top = 8 if 8 in ours else max(ours)
@@ -329,13 +355,14 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
     )
     print(
         f"running streams while a ~{long_tokens}-token prompt arrives: steady p50 gap "
-        f"{steady:.3f}s, largest gap {worst:.3f}s, ratio {worst / steady:.2f}x (before it "
-        f"arrived, the largest gap was {jitter:.3f}s: {jitter / steady:.2f}x)"
+        f"{gaps['steady']:.3f}s, largest gap {gaps['worst']:.3f}s, ratio {gaps['ratio']:.2f}x "
+        f"(before it arrived, the largest gap was {gaps['jitter']:.3f}s: "
+        f"{gaps['jitter'] / gaps['steady']:.2f}x)"
     )
     if args.peer and name != "tiny":
         peer = MlxLmServer(model, tmp, max(levels))
         try:
-            theirs = sweep(peer.url, levels, args.max_tokens)
+            theirs = sweep(peer.url, levels, args.max_tokens, args.trials)
         finally:
             peer.close()
         table(f"mlx_lm.server, {name}", theirs)
@@ -364,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prefix-tokens", type=int, default=2000)
     parser.add_argument("--long-tokens", type=int, default=4000)
+    parser.add_argument("--trials", type=int, default=3, help="runs per number; the median")
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip mlx_lm.server")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:

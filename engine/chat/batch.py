@@ -40,6 +40,9 @@ from engine.chat.types import RowFailed
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 MIN_PREFILL_CHUNK = 16
 EMA = 0.2  # weight of the newest timing in the running averages
+# While rows decode, a step reads prompt tokens worth this share of a decode step: running
+# streams slow to about 1.5x their pace while a long prompt is read, never stall.
+PREFILL_SHARE = 0.5
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
@@ -272,7 +275,8 @@ class _Pending:
     caches: list[Any] | None = None
     done: int = 0  # prompt tokens already in the caches
     cached_tokens: int = 0
-    embeds: mx.array | None = None
+    embeds: mx.array | None = None  # from prompt position embeds_from on
+    embeds_from: int = 0
     per_layer: mx.array | None = None
     whole: bool = False  # the prompt must be read in one go (e.g. bidirectional image attention)
 
@@ -340,8 +344,9 @@ class BatchEngine:
         params: RowParams,
         n: int = 1,
     ) -> None:
-        if isinstance(prompt_ids, mx.array):
-            prompt = tuple(int(t) for t in prompt_ids.reshape(-1).tolist())
+        if isinstance(prompt_ids, mx.array):  # no lazy reshape: it would wait for the step
+            nested = prompt_ids.tolist()
+            prompt = tuple(nested[0] if prompt_ids.ndim == 2 else nested)
         else:
             prompt = tuple(int(t) for t in prompt_ids)
         if not prompt:
@@ -489,13 +494,13 @@ class BatchEngine:
         self._prefill_token_s = mix(self._prefill_token_s, max(spent, 0.0) / prefilled)
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to read this step: about one decode step's worth while rows are
+        """Prompt tokens to read this step: about half a decode step's worth while rows are
         decoding (measured; at most twice the last step's, as timings are noisy), else the
         configured chunk."""
         if not self._rows or not self._decode_s or not self._prefill_token_s:
             self._last_budget = self.prefill_chunk
             return self.prefill_chunk
-        fit = int(self._decode_s / self._prefill_token_s)
+        fit = int(PREFILL_SHARE * self._decode_s / self._prefill_token_s)
         floor = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
         budget = max(floor, min(self.prefill_chunk, fit, 2 * self._last_budget))
         self._last_budget = budget
@@ -540,17 +545,25 @@ class BatchEngine:
         else:
             job.caches = self.lm.make_cache()
         if self.is_vlm and len(job.prompt) > 1:
-            ids = mx.array([job.prompt])
-            features = self.model.get_input_embeddings(
-                ids, job.pixel_values, mask=None, **job.model_kwargs
-            )
-            job.embeds = features.inputs_embeds
-            job.per_layer = getattr(features, "per_layer_inputs", None)
-            policy = getattr(self.lm, "chunked_prefill_policy", None)
-            if policy is not None and not policy(
-                input_ids=ids, inputs_embeds=job.embeds, prefill_kwargs=job.model_kwargs
-            ):
-                job.whole = True
+            self._embed(job)
+
+    def _embed(self, job: _Pending) -> None:
+        """Input embeddings of the prompt from the first token not in the cache on; the whole
+        prompt (vision tower included) only when images remain to be read."""
+        suffix = job.prompt[job.done :]
+        text_only = job.done > 0 and self.image_token_id not in suffix
+        job.embeds_from = job.done if text_only else 0
+        ids = mx.array([suffix if text_only else job.prompt])
+        features = self.model.get_input_embeddings(
+            ids, None if text_only else job.pixel_values, mask=None, **job.model_kwargs
+        )
+        job.embeds = features.inputs_embeds
+        job.per_layer = getattr(features, "per_layer_inputs", None)
+        policy = getattr(self.lm, "chunked_prefill_policy", None)
+        if policy is not None and not policy(
+            input_ids=ids, inputs_embeds=job.embeds, prefill_kwargs=job.model_kwargs
+        ):
+            job.whole = True
 
     def _prefill(self, job: _Pending, start: int, end: int) -> None:
         ids = mx.array([job.prompt[start:end]])
@@ -558,6 +571,8 @@ class BatchEngine:
             self.lm(ids, cache=job.caches)  # logits stay lazy and are never computed
             return
         assert job.embeds is not None
+        base = job.embeds_from
+        a, b = start - base, end - base
         extra = {}
         for name in ("mm_token_type_ids", "token_type_ids"):
             value = job.model_kwargs.get(name)
@@ -565,8 +580,8 @@ class BatchEngine:
                 extra[name] = value[:, start:end]
         self.lm(
             inputs=ids,
-            inputs_embeds=job.embeds[:, start:end],
-            per_layer_inputs=None if job.per_layer is None else job.per_layer[:, start:end],
+            inputs_embeds=job.embeds[:, a:b],
+            per_layer_inputs=None if job.per_layer is None else job.per_layer[:, a:b],
             cache=job.caches,
             logits_to_keep=1,
             **extra,

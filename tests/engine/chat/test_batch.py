@@ -125,11 +125,14 @@ def test_greedy_matches_the_libraries_own_single_request_decoding(runner: ChatRu
     assert got[("reference", 0)] == reference
 
 
-def _image_request(runner: ChatRunner, color: tuple[int, int, int]) -> dict:
+def _image_request(
+    runner: ChatRunner, color: tuple[int, int, int], more: tuple[dict, ...] = ()
+) -> dict:
     from PIL import Image
 
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[3]}]}
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPTS[3]}]},
+        *more,
     ]
     prepared = runner.prepare(messages, [Image.new("RGB", (48, 48), color)])
     return {
@@ -160,6 +163,22 @@ def test_images_never_share_state(tiny_runner: ChatRunner) -> None:
     got, cached = run(engine, {"red again": red})
     assert cached["red again"] == len(red["prompt_ids"]) - 1
     assert got[("red again", 0)] == red_alone[("red", 0)]
+
+
+def test_a_second_turn_after_an_image_reads_only_its_new_text(tiny_runner: ChatRunner) -> None:
+    engine = make_engine(tiny_runner, cache_bytes=1 << 30)
+    run(engine, {"t1": _image_request(tiny_runner, (255, 0, 0))})
+    turn = (
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": "What shape is it, and what colour?"},
+    )
+    second = _image_request(tiny_runner, (255, 0, 0), more=turn)
+    got, cached = run(engine, {"t2": second})
+    ids = second["prompt_ids"]
+    last_image_token = len(ids) - 1 - ids[::-1].index(tiny_runner.image_token_id)
+    assert last_image_token < cached["t2"] < len(ids) - 1  # the image is in the cached part
+    cold, _ = run(make_engine(tiny_runner), {"t2": second})
+    assert got[("t2", 0)] == cold[("t2", 0)]
 
 
 @pytest.mark.parametrize("params", [RowParams(), RowParams(temperature=0.9, seed=21, top_k=50)])
