@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import platform
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -144,6 +147,51 @@ def _mlx_report() -> list[str]:
     return lines
 
 
+def _probe_blas(env: dict[str, str]) -> dict[str, Any]:
+    """What `python -m engine.blas` measures in a process started with `env`."""
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.blas"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"blas": f"probe failed: {tail}", "gflops": 0.0}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _blas_report(config: Config) -> list[str]:
+    """Linux: the BLAS the services load (and its speed, beside MLX's bundled one), and the
+    BLAS each running service process of this configuration has loaded."""
+    from engine import blas
+
+    if not sys.platform.startswith("linux"):
+        return []
+    served = _probe_blas(blas.worker_environment(os.environ, config.blas))
+    lines = [
+        f"BLAS for the services (--blas {config.blas}): {served['blas']}; float32 "
+        f"{blas.MATMUL_SIZE}x{blas.MATMUL_SIZE} matmul {served['gflops']:.1f} GFLOP/s"
+    ]
+    if config.blas != blas.BUNDLED:
+        bundled = _probe_blas(blas.worker_environment(os.environ, blas.BUNDLED))
+        lines.append(f"  MLX's bundled BLAS for comparison: {bundled['gflops']:.1f} GFLOP/s")
+    if config.blas == blas.AUTO and blas.find_openblas() is None:
+        lines.append(
+            "  no system OpenBLAS found: `apt install libopenblas0-pthread` (Debian, Ubuntu) or "
+            "`dnf install openblas` (Fedora) makes float32 matmuls about 10x faster"
+        )
+    for worker in blas.running_workers():
+        if worker.port == config.port(worker.service):
+            lines.append(
+                f"Running {worker.service} service on port {worker.port} "
+                f"(pid {worker.pid}): {worker.blas}"
+            )
+    return lines
+
+
 def cmd_doctor(config: Config) -> int:
     from engine.audio import find_ffmpeg
     from engine.store import ModelMissing, Store
@@ -167,6 +215,7 @@ def cmd_doctor(config: Config) -> int:
             lines.append(f"Model for {service}: MISSING: {exc}")
     ffmpeg = find_ffmpeg()
     lines.append(f"ffmpeg: {ffmpeg or 'not found (m4a/webm/opus audio needs it)'}")
+    lines += _blas_report(config)
     print("\n".join(lines))
     return 0 if ok else 1
 

@@ -21,6 +21,7 @@ from engine.store.catalog import DEFAULT_IDS, SERVICES, Service
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 MiB = 1024 * 1024
+CONFIG_ENV = "MLXD_SERVICE_CONFIG"  # a service process's Config as JSON (argv shows in `ps`)
 
 
 class ConfigError(ValueError):
@@ -81,7 +82,7 @@ class Config:
     embeddings_truncate: bool = setting(False, "truncate over-long inputs instead of a 400")
     stt_language: str = setting("auto", "language when a request names none (auto: detect)")
     stt_time_limit_factor: float = setting(
-        3.0, "speech time limit: seconds per audio second, at least 60 s (0: none)"
+        0.0, "speech time limit: model seconds per audio second, at least 60 s (0: none)"
     )
     chat_allow_image_urls: bool = setting(
         False,
@@ -99,6 +100,12 @@ class Config:
     )
     chat_kv_tokens: int = setting(
         0, "KV token positions for all replies together; 0: from a quarter of free memory"
+    )
+    blas: str = setting(
+        "auto",
+        "BLAS for MLX's CPU backend on Linux: auto (the system's OpenBLAS when present), "
+        "bundled (MLX's own) or a library path",
+        path=True,
     )
     shutdown_timeout: float = setting(10.0, "seconds to finish work on SIGTERM")
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -209,6 +216,8 @@ def validate(config: Config) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be 0 or more")
     _validate_stt(config)
+    if config.blas not in ("auto", "bundled") and not Path(config.blas).expanduser().is_file():
+        raise ConfigError(f"blas: {config.blas} is not a file (auto, bundled or a library path)")
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
         raise ConfigError(
             f"refusing to listen on non-loopback host {config.host!r} without an API key: "

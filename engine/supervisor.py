@@ -18,8 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from engine.config import Config, Service
-from engine.worker import CONFIG_ENV
+from engine.blas import worker_environment
+from engine.config import CONFIG_ENV, Config, Service
 
 log = logging.getLogger("mlxd.supervisor")
 
@@ -82,7 +82,8 @@ class Supervisor:
             entry.sock.close()
 
     def spawn(self, entry: ServiceProcess) -> None:
-        env = {**os.environ, CONFIG_ENV: self.config.to_json(), "PYTHONUNBUFFERED": "1"}
+        env = worker_environment(os.environ, self.config.blas)
+        env |= {CONFIG_ENV: self.config.to_json(), "PYTHONUNBUFFERED": "1"}
         fd = entry.sock.fileno()
         entry.process = subprocess.Popen(
             [sys.executable, "-m", "engine.worker", entry.service, str(fd)],

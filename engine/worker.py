@@ -16,10 +16,9 @@ import time
 
 from engine import services
 from engine.app import create_app
-from engine.config import Config
+from engine.config import CONFIG_ENV, Config
 from engine.store.catalog import SERVICES
 
-CONFIG_ENV = "MLXD_SERVICE_CONFIG"
 SWITCH_INTERVAL_S = 0.0005
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from engine.config import Config
 from engine.errors import status_error
 from engine.modelthread import Cancelled, Inbox, Job, Policy, as_client_error
-from engine.speech.request import SttJob
+from engine.speech.request import MIN_TIME_LIMIT_S, SttJob
 
 log = logging.getLogger("mlxd.stt")
 
@@ -53,13 +53,20 @@ class _Deadline:
     def __init__(self, job: Job, limit_s: float | None, others: Callable[[], float]) -> None:
         self.job = job
         self.others = others
+        self.limit_s = limit_s
         self.started = time.monotonic()
         self.deadline = self.started + limit_s if limit_s else math.inf
 
     def tick(self) -> None:
         self.job.check()
         if time.monotonic() > self.deadline:
-            raise status_error(504, "Transcription exceeded its time limit", "time_limit_exceeded")
+            raise status_error(
+                504,
+                f"Transcription exceeded its time limit of {self.limit_s:.0f} s of model time "
+                f"(--stt-time-limit-factor seconds per audio second, at least "
+                f"{MIN_TIME_LIMIT_S:.0f} s): raise the factor, or set it to 0 for no limit",
+                "time_limit_exceeded",
+            )
         self.deadline += self.others()
         self.job.check()
 

@@ -125,6 +125,7 @@ def test_time_limit_excludes_time_spent_on_other_requests() -> None:
     with pytest.raises(ApiError) as err:
         clock.tick()
     assert err.value.status == 504 and err.value.code == "time_limit_exceeded"
+    assert "--stt-time-limit-factor" in str(err.value) and "of 0 s" in str(err.value)
     generous = _Job(others=0.5)
     clock = _Deadline(generous, 0.05, generous.run_others)  # type: ignore[arg-type]
     clock.tick()  # the queue took 0.5 s: the deadline moves by that much
