@@ -37,8 +37,26 @@ DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
 
 
+# mlx-whisper is installed apart from mlxd, without its declared (unused) torch requirement.
+MLX_WHISPER_MISSING = (
+    "mlx-whisper is not installed; install it without its torch requirement: "
+    "pip install --no-deps 'mlx-whisper>=0.4.3,<0.5' (from a checkout: make install)"
+)
+
+
 def _nothing() -> None:
     return None
+
+
+def _load_model_function() -> Callable[..., Any]:
+    """mlx-whisper's model loader; without mlx-whisper an error naming how to install it."""
+    try:
+        from mlx_whisper.load_models import load_model
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "mlx_whisper":
+            raise
+        raise ModuleNotFoundError(MLX_WHISPER_MISSING, name=exc.name) from exc
+    return load_model
 
 
 def _transcribe_module() -> Any:
@@ -147,8 +165,7 @@ class SpeechRunner:
     @classmethod
     def load(cls, model_dir: Path, model_id: str) -> SpeechRunner:
         """Load once from an existing local directory, then warm up (graphs, DTW compilation)."""
-        from mlx_whisper.load_models import load_model
-
+        load_model = _load_model_function()
         model_dir = Path(model_dir).resolve()
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"no Whisper model at {model_dir} (config.json missing)")
