@@ -9,6 +9,7 @@ so that launchd's KeepAlive restarts it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.blas import worker_environment
-from engine.config import CONFIG_ENV, Config, Service
+from engine.config import CONFIG_ENV, Config, Service, serve_flags
 
 log = logging.getLogger("mlxd.supervisor")
 
@@ -30,10 +31,39 @@ MAX_CRASHES = 5  # within CRASH_WINDOW seconds, then give up and exit non-zero
 CRASH_WINDOW = 120.0
 
 
+@dataclass(frozen=True)
+class BindFailure:
+    service: Service
+    host: str
+    port: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{_url_host(self.host)}:{self.port} for {self.service}: {self.reason}"
+
+
 class PortInUse(OSError):
-    def __init__(self, service: Service, host: str, port: int, reason: str) -> None:
-        super().__init__(f"cannot listen on {host}:{port} for {service}: {reason}")
-        self.service, self.port = service, port
+    """Ports that could not be bound: the message names each and the flags that move them."""
+
+    def __init__(self, failures: list[BindFailure], services: tuple[Service, ...] = ()) -> None:
+        self.failures = failures
+        super().__init__(_port_message(failures, services))
+
+
+def _port_message(failures: list[BindFailure], services: tuple[Service, ...]) -> str:
+    flags = {f.dest: f.name for f in serve_flags()}
+    taken = [f.service for f in failures]
+    moves = ", ".join(f"{flags[f'{service}_port']} PORT" for service in taken)
+    others = ",".join(s for s in services if s not in taken)
+    one = len(failures) == 1
+    hint = f"Stop what holds {'it' if one else 'them'}, or choose "
+    hint += f"{'another port' if one else 'other ports'} ({moves})"
+    if others:
+        hint += f" or leave {'it' if one else 'them'} out (--only {others})"
+    if one:
+        return f"cannot listen on {failures[0]}.\n{hint}."
+    listed = "".join(f"\n  {failure}" for failure in failures)
+    return f"cannot listen on {len(failures)} ports:{listed}\n{hint}."
 
 
 def bind(service: Service, host: str, port: int) -> socket.socket:
@@ -45,8 +75,8 @@ def bind(service: Service, host: str, port: int) -> socket.socket:
         sock.listen(512)
     except OSError as exc:
         sock.close()
-        reason = "the port is already in use" if exc.errno == 98 or exc.errno == 48 else str(exc)
-        raise PortInUse(service, host, port, reason) from exc
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else str(exc)
+        raise PortInUse([BindFailure(service, host, port, reason)], (service,)) from exc
     sock.set_inheritable(True)
     return sock
 
@@ -69,13 +99,19 @@ class Supervisor:
         self._stopping = False
 
     def bind_all(self) -> None:
-        try:
-            for service in self.config.only:
+        """Bind every service's port; if any is taken, close them all and name every one."""
+        failures: list[BindFailure] = []
+        for service in self.config.only:
+            try:
                 sock = bind(service, self.config.host, self.config.port(service))
+            except PortInUse as exc:
+                failures += exc.failures
+            else:
                 self.services.append(ServiceProcess(service, sock))
-        except PortInUse:
+        if failures:
             self.close_sockets()
-            raise
+            self.services.clear()
+            raise PortInUse(failures, self.config.only)
 
     def close_sockets(self) -> None:
         for entry in self.services:

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.config import build_config
+from engine.supervisor import PortInUse, Supervisor
 from tests.conftest import model_flags
 from tests.serving import free_port, start_server
 
@@ -87,6 +89,27 @@ def test_a_taken_port_exits_non_zero_naming_it(tmp_path) -> None:
     assert result.returncode != 0
     assert time.monotonic() - started < 5
     assert str(port) in result.stderr and "already in use" in result.stderr
+
+
+def test_every_taken_port_is_named_with_the_flags_that_move_it(tmp_path) -> None:
+    with socket.socket() as chat, socket.socket() as stt:
+        for blocker in (chat, stt):
+            blocker.bind(("127.0.0.1", 0))
+            blocker.listen()
+        taken = {"chat_port": chat.getsockname()[1], "stt_port": stt.getsockname()[1]}
+        free = free_port()
+        config = build_config({"home": str(tmp_path), "embeddings_port": free, **taken})
+        supervisor = Supervisor(config)
+        with pytest.raises(PortInUse) as raised:
+            supervisor.bind_all()
+    message = str(raised.value)
+    for port in taken.values():
+        assert f"127.0.0.1:{port}" in message
+    assert "--chat-port PORT, --stt-port PORT" in message and "--only embeddings" in message
+    assert "embeddings" not in {failure.service for failure in raised.value.failures}
+    assert supervisor.services == []
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", free))  # the port that was bound is closed again
 
 
 def test_sigterm_exits_zero_promptly_even_with_work_in_flight(tmp_path, tiny_models) -> None:
