@@ -34,6 +34,11 @@ TEMPLATE_NAME = f"{LABEL}.plist"
 EXIT_TIMEOUT_MARGIN = 10  # seconds above the shutdown timeout before launchd sends SIGKILL
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 TOKENS = ("@MLXD@", "@LOGS@", "@MLXD_HOME@", "@PATH@")
+ELSEWHERE = (
+    "the launchd agent is macOS-only. Elsewhere run `mlxd serve`, which logs to stderr, or run "
+    "it as a systemd user service (docs/linux.md has the unit file), whose log is "
+    "`journalctl --user -u mlxd`"
+)
 
 
 class AgentError(Exception):
@@ -380,8 +385,17 @@ def logs(args: argparse.Namespace, paths: Paths) -> int:
 ACTIONS = {"install": install, "uninstall": uninstall, "status": status, "logs": logs}
 
 
+def without_launchd() -> bool:
+    """Not macOS and no `launchctl` on PATH (the tests put a recording one there)."""
+    return sys.platform != "darwin" and shutil.which("launchctl") is None
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run `mlxd agent ACTION`; errors are explained on stderr with exit status 1 (2: config)."""
+    """Run `mlxd agent ACTION`; errors are explained on stderr with exit status 1 (2: config,
+    or a platform without launchd)."""
+    if without_launchd():
+        print(f"mlxd agent: {ELSEWHERE}", file=sys.stderr)
+        return 2
     paths = Paths(Path.home())
     try:
         return ACTIONS[args.agent_action](args, paths)

@@ -15,28 +15,65 @@ from typing import Any
 
 from engine import __version__
 from engine.config import Config, ConfigError, add_serve_flags, load_config
-from engine.store.catalog import SERVICES
+from engine.store.catalog import CATALOG, DEFAULT_DTYPE, DEFAULT_QUANTIZATION, SERVICES
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default unless unset or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default in (None, False, argparse.SUPPRESS)
+        if unset or "default" in text or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:  # a table, as written (pull's known ids)
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_command(
+    commands: argparse._SubParsersAction, name: str, text: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name,
+        help=text,
+        description=kwargs.pop("description", text),
+        formatter_class=HelpFormatter,
+        **kwargs,
+    )
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, serve: bool) -> None:
-    parser.add_argument("--config", help="TOML configuration file (default $MLXD_HOME/config.toml)")
+    parser.add_argument(
+        "--config",
+        help="TOML configuration file (default: $MLXD_HOME/config.toml; env MLXD_CONFIG)",
+    )
     if serve:
         add_serve_flags(parser)
     else:
-        parser.add_argument("--home", help="model store and data directory ($MLXD_HOME)")
+        parser.add_argument(
+            "--home",
+            help="model store and data directory (default: $MLXD_HOME, else the platform's data "
+            "dir; env MLXD_HOME)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mlxd", description="Local OpenAI-style chat, embeddings and speech-to-text on MLX."
+        prog="mlxd",
+        description="Local OpenAI-style chat, embeddings and speech-to-text on MLX.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"mlxd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the services in the foreground")
+    serve = _add_command(commands, "serve", "run the services in the foreground")
     _add_config_flags(serve, serve=True)
-    models = commands.add_parser("models", help="list the models in the store")
+    models = _add_command(commands, "models", "list the models in the store")
     _add_config_flags(models, serve=False)
-    doctor = commands.add_parser("doctor", help="check the platform, ports and models")
+    doctor = _add_command(commands, "doctor", "check the platform, ports and models")
     _add_config_flags(doctor, serve=True)
     _add_model_commands(commands)
     _add_agent_command(commands)
@@ -44,42 +81,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_conversion_flags(parser: argparse.ArgumentParser) -> None:
+    bits = ", ".join(f"{kind} {DEFAULT_QUANTIZATION[kind] or 0}" for kind in SERVICES)
+    dtypes = ", ".join(f"{kind} {DEFAULT_DTYPE[kind]}" for kind in SERVICES)
     parser.add_argument(
-        "-q", "--quantize", type=int, choices=(0, 4, 8), help="bits (0: none; default per kind)"
+        "-q",
+        "--quantize",
+        type=int,
+        choices=(0, 4, 8),
+        help=f"bits, 0: none (default: the catalog entry's, else by kind: {bits})",
     )
     parser.add_argument("--group-size", type=int, default=64, help="quantization group size")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), help="float dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help=f"float dtype (default: the catalog entry's, else by kind: {dtypes})",
+    )
     parser.add_argument("--force", action="store_true", help="replace an installed model")
 
 
+def _catalog_text() -> str:
+    rows = [f"  {entry.id:24} {entry.kind:11} {entry.repo}" for entry in CATALOG.values()]
+    return "known model ids:\n" + "\n".join(rows)
+
+
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
-    pull = commands.add_parser("pull", help="download, convert and install a model")
-    pull.add_argument("model", metavar="ID", help="a known id (see README) or a hub repo ORG/NAME")
-    pull.add_argument("--kind", choices=SERVICES, help="service for a hub repo not in the catalog")
-    pull.add_argument("--revision", help="branch, tag or commit to download")
-    pull.add_argument("--as", dest="as_id", metavar="ID", help="store id (default from the repo)")
+    pull = _add_command(
+        commands,
+        "pull",
+        "download, convert and install a model",
+        epilog=_catalog_text(),
+    )
+    pull.add_argument(
+        "model", metavar="ID", help="a known id (listed below) or a hub repo ORG/NAME"
+    )
+    pull.add_argument(
+        "--kind",
+        choices=SERVICES,
+        help="the service that will serve it (default: the known id's; needed for ORG/NAME)",
+    )
+    pull.add_argument("--revision", help="branch, tag or commit to download (default: main)")
+    pull.add_argument(
+        "--as",
+        dest="as_id",
+        metavar="ID",
+        help="store id (default: the known id, else the repo name)",
+    )
     _add_conversion_flags(pull)
-    convert = commands.add_parser("convert", help="convert a local checkpoint into the store")
+    convert = _add_command(commands, "convert", "convert a local checkpoint into the store")
     convert.add_argument("kind", choices=SERVICES, help="the service that will serve it")
     convert.add_argument("source", help="HF directory, GGUF file or CTranslate2 directory")
     convert.add_argument("--as", dest="as_id", metavar="ID", required=True, help="store id")
     _add_conversion_flags(convert)
     for name, text in (("rm", "remove an installed model"), ("verify", "check model files")):
-        sub = commands.add_parser(name, help=text)
+        sub = _add_command(commands, name, text)
         sub.add_argument("model", metavar="ID")
     for sub in (pull, convert, commands.choices["rm"], commands.choices["verify"]):
         _add_config_flags(sub, serve=False)
 
 
 def _add_agent_command(commands: argparse._SubParsersAction) -> None:
-    agent = commands.add_parser("agent", help="run mlxd at login as a launchd user agent (macOS)")
+    agent = _add_command(
+        commands,
+        "agent",
+        "run mlxd at login as a launchd user agent (macOS only)",
+        description="Run mlxd at login as a launchd user agent. macOS only: on Linux run "
+        "`mlxd serve` (it logs to stderr) or a systemd user service (docs/linux.md; logs: "
+        "`journalctl --user -u mlxd`).",
+    )
     actions = agent.add_subparsers(dest="agent_action", metavar="ACTION", required=True)
-    install = actions.add_parser("install", help="write ~/Library/LaunchAgents plist and start it")
+    install = _add_command(actions, "install", "write ~/Library/LaunchAgents plist and start it")
     _add_config_flags(install, serve=True)
-    actions.add_parser("uninstall", help="stop the agent and remove its plist")
-    actions.add_parser("status", help="show whether the agent runs, and each service's /health")
-    logs = actions.add_parser("logs", help="print the agent's log (~/Library/Logs/mlxd)")
-    logs.add_argument("-n", "--lines", type=int, default=100, help="lines to show (default 100)")
+    _add_command(actions, "uninstall", "stop the agent and remove its plist")
+    _add_command(actions, "status", "show whether the agent runs, and each service's /health")
+    logs = _add_command(actions, "logs", "print the agent's log (~/Library/Logs/mlxd/mlxd.log)")
+    logs.add_argument("-n", "--lines", type=int, default=100, help="lines to show")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
 

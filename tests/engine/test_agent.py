@@ -245,10 +245,14 @@ def test_logs_prints_the_tail_of_the_log(fake: Fake) -> None:
     assert result.returncode == 0 and result.stdout == "line 47\nline 48\nline 49\n"
 
 
-def test_without_launchctl_it_says_so(fake: Fake) -> None:
-    result = fake.run("install", path="/nonexistent")
-    assert result.returncode == 1 and "launchctl not found" in result.stderr
-    assert not fake.paths.plist.exists()
+@pytest.mark.skipif(sys.platform == "darwin", reason="launchd is there")
+@pytest.mark.parametrize("action", ["install", "uninstall", "status", "logs"])
+def test_without_launchd_it_says_where_the_logs_are(fake: Fake, action: str) -> None:
+    result = fake.run(action, path="/nonexistent")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "macOS-only" in result.stderr and "journalctl --user -u mlxd" in result.stderr
+    assert "docs/linux.md" in result.stderr and "Library" not in result.stderr
+    assert not (fake.home / "Library").exists()
 
 
 def test_bad_serve_flags_are_refused_before_anything_is_written(fake: Fake) -> None:

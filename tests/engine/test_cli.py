@@ -1,11 +1,17 @@
+import argparse
 import json
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from engine import __version__
-from engine.cli import main
+from engine.cli import build_parser, main
+from engine.config import serve_flags
+from engine.store.catalog import CATALOG
 
 
 def run_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -57,3 +63,43 @@ def test_doctor_reports_ports_models_and_ffmpeg(tmp_path: Path) -> None:
 def test_bad_configuration_exits_2_with_a_message(tmp_path: Path) -> None:
     result = run_cli("serve", "--only", "video", home=tmp_path)
     assert result.returncode == 2 and "--only" in result.stderr
+
+
+def help_text(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_help_shows_the_defaults(capsys) -> None:
+    text = help_text(capsys, "serve")
+    defaults = {flag.dest: flag.default_text() for flag in serve_flags()}
+    for dest in ("shutdown_timeout", "embeddings_batch_tokens"):
+        assert f"(default: {defaults[dest]}; env MLXD_{dest.upper()})" in text
+
+
+def test_pull_help_lists_every_known_id(capsys) -> None:
+    text = help_text(capsys, "pull")
+    for entry in CATALOG.values():
+        assert f"{entry.id} {entry.kind} {entry.repo}" in text
+    assert "README" not in text
+
+
+def parsers(
+    parser: argparse.ArgumentParser, name: str = "mlxd"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from parsers(sub, f"{name} {sub_name}")
+
+
+def test_every_option_that_takes_a_value_shows_its_default() -> None:
+    for name, parser in parsers(build_parser()):
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            takes_value = action.option_strings and action.nargs != 0 and not action.required
+            if takes_value:
+                assert "default" in formatter._get_help_string(action), (name, action.dest)
