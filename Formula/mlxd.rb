@@ -1,14 +1,15 @@
-# Homebrew formula for mlxd. The repository is its own tap:
-#   brew tap OWNER/mlxd https://github.com/OWNER/mlxd
-#   brew install mlxd
-# or, from a checkout: brew install --build-from-source ./Formula/mlxd.rb
+# Homebrew formula for mlxd. The repository is its own tap; Homebrew installs only from taps,
+# so in a clone of the repository:
+#   brew tap local/mlxd "$PWD"
+#   brew install local/mlxd/mlxd
 class Mlxd < Formula
   include Language::Python::Virtualenv
 
   desc "Local OpenAI-style chat, embeddings and speech-to-text on MLX"
-  homepage "https://github.com/OWNER/mlxd"
   # The tap is a clone of this repository, so the formula builds the clone it lives in
-  # (committed `main`); `brew update` pulls new commits and a version bump upgrades.
+  # (committed `main`); `brew update` pulls new commits and a version bump upgrades. The
+  # homepage is that clone's README (`brew home mlxd` opens it).
+  homepage "file://#{File.expand_path("../README.md", __dir__)}"
   url "file://#{File.expand_path("..", __dir__)}", using: :git, branch: "main"
   version "0.1.0"
   license "MIT"

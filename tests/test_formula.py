@@ -157,6 +157,22 @@ def test_platform_guards_and_dependencies() -> None:
     assert re.search(rf'^  version "{re.escape(__version__)}"$', text, re.M)
 
 
+def test_installing_needs_no_placeholder_and_taps_the_clone() -> None:
+    """The formula builds the clone it lives in; README and formula say how, with no owner to
+    fill in (Homebrew installs only from a tap, so the clone is tapped)."""
+    text = formula_text()
+    readme = (ROOT / "README.md").read_text()
+    assert "OWNER" not in text and "OWNER" not in readme
+    clone = 'File.expand_path("..", __dir__)'
+    assert f'  url "file://#{{{clone}}}", using: :git, branch: "main"' in text
+    readme_path = 'File.expand_path("../README.md", __dir__)'
+    assert f'  homepage "file://#{{{readme_path}}}"' in text
+    for command in ('brew tap local/mlxd "$PWD"', "brew install local/mlxd/mlxd"):
+        assert command in readme and command in text
+    assert "brew untap local/mlxd" in readme
+    assert "./Formula/mlxd.rb" not in readme  # refused by Homebrew: not in a tap
+
+
 def test_resources_are_pinned_with_sha256() -> None:
     found = resources()
     names = [r.name for r in found]
