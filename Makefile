@@ -4,7 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 # MLX's CPU backend links a reference BLAS; Debian's OpenBLAS (if present) is ~10x faster and
-# changes no result. Only the test suite uses it; Apple Silicon runs on Metal.
+# changes no result. `mlxd serve` preloads it into its services itself (--blas auto); the test
+# suite also runs MLX in-process, hence the preload here. Apple Silicon runs on Metal.
 OPENBLAS := $(firstword $(wildcard /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0))
 
 .PHONY: install install-test serve test lint format clean
