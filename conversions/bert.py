@@ -28,6 +28,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from conversions.common import ConversionError, check_options, read_source_json
+from conversions.progress import progress, stage
 from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
@@ -139,11 +140,13 @@ def _pooling_mode(st: dict[str, Any], pooling_dir: Path) -> str:
 
 def load_weights(files: list[Path]) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
-    for path in files:
-        try:
-            weights.update(_load_torch(path) if path.suffix == ".bin" else mx.load(str(path)))
-        except (OSError, RuntimeError, ValueError) as exc:
-            raise ConversionError(f"cannot read weights from {path}: {exc}") from exc
+    with progress("read", len(files), unit="files") as bar:
+        for path in files:
+            try:
+                weights.update(_load_torch(path) if path.suffix == ".bin" else mx.load(str(path)))
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise ConversionError(f"cannot read weights from {path}: {exc}") from exc
+            bar.update()
     return weights
 
 
@@ -226,18 +229,21 @@ def quantizable(key: str, value: mx.array, group_size: int) -> bool:
 def quantize(weights: dict[str, mx.array], bits: int, group_size: int) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
     count = 0
-    for key, value in weights.items():
-        if not quantizable(key, value, group_size):
-            out[key] = value
-            continue
-        base = key.removesuffix(".weight")
-        # MLX's CPU quantize is several times faster on float32 and gives the same result;
-        # scales and biases keep the weights' dtype, as mlx-embeddings' own converter writes.
-        wq, scales, biases = mx.quantize(value.astype(mx.float32), group_size, bits)
-        out[key] = wq
-        out[f"{base}.scales"] = scales.astype(value.dtype)
-        out[f"{base}.biases"] = biases.astype(value.dtype)
-        count += 1
+    with progress("quantize", len(weights)) as bar:
+        for key, value in weights.items():
+            bar.update()
+            if not quantizable(key, value, group_size):
+                out[key] = value
+                continue
+            base = key.removesuffix(".weight")
+            # MLX's CPU quantize is several times faster on float32 and gives the same result;
+            # scales and biases keep the weights' dtype, as mlx-embeddings' converter writes.
+            wq, scales, biases = mx.quantize(value.astype(mx.float32), group_size, bits)
+            out[key] = wq
+            out[f"{base}.scales"] = scales.astype(value.dtype)
+            out[f"{base}.biases"] = biases.astype(value.dtype)
+            mx.eval(wq, out[f"{base}.scales"], out[f"{base}.biases"])
+            count += 1
     if count == 0:
         raise ConversionError(
             f"no layer can be quantized with group size {group_size}: "
@@ -304,7 +310,8 @@ def convert(
     if quantization is not None:
         quant = {"group_size": group_size, "bits": quantization}
         weights = quantize(weights, quantization, group_size)
-    mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
+    with stage("write"):
+        mx.save_safetensors(str(dest / "model.safetensors"), weights, metadata={"format": "mlx"})
 
     max_tokens = copy_tokenizer(source, dest, position_limit(config))
     _copy_pooling_dir(source, dest)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from conversions.common import ConversionError, check_options, read_source_json
+from conversions.progress import progress, stage
 from engine.jsonfile import write_json
 
 CONVERTER_VERSION = "1"
@@ -92,6 +93,8 @@ GGUF_GLOBAL_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+# float32 values dequantized at a time (16 MB).
+BLOCK_ELEMENTS = 1 << 22
 GGUF_LAYER_PATTERN = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -173,13 +176,15 @@ def _convert_hf_vlm(
     from mlx_vlm.quant_utils import quantize_model
     from mlx_vlm.utils import fetch_from_hub, save_config, save_weights
 
-    model, config, processor = fetch_from_hub(source, lazy=True, trust_remote_code=False)
+    with stage("load"):
+        model, config, processor = fetch_from_hub(source, lazy=True, trust_remote_code=False)
     _cast(model, dtype)
-    if quantization is not None:
+    if quantization is not None:  # lazy: the work happens as the weights are written
         model, config = quantize_model(
             model, config, group_size, quantization, quant_predicate=_vlm_predicate(model)
         )
-    save_weights(dest, model, donate_weights=True)
+    with stage("cast, quantize and write" if quantization else "cast and write"):
+        save_weights(dest, model, donate_weights=True)
     _copy_side_files(source, dest)
     processor.save_pretrained(str(dest))
     save_config(config, config_path=dest / "config.json")
@@ -219,14 +224,15 @@ def _convert_hf_text(
 
     if dest.exists():
         dest.rmdir()  # mlx-lm refuses an existing destination; it was checked to be empty
-    lm_convert(
-        str(source),
-        mlx_path=str(dest),
-        quantize=quantization is not None,
-        q_group_size=group_size,
-        q_bits=quantization,
-        dtype=dtype,
-    )
+    with stage("convert with mlx-lm"):
+        lm_convert(
+            str(source),
+            mlx_path=str(dest),
+            quantize=quantization is not None,
+            q_group_size=group_size,
+            q_bits=quantization,
+            dtype=dtype,
+        )
     _copy_side_files(source, dest)
     model_type = (read_source_json(dest / "config.json") or {}).get("model_type")
     return {"source_format": "hf", "model_type": model_type}
@@ -264,10 +270,15 @@ def _convert_gguf(
 ) -> dict[str, Any]:
     parsed = open_gguf(source)
     reader, config = parsed.reader, dict(parsed.config)
-    weights = dict(gguf_weights(reader))
     _write_gguf_tokenizer(parsed, dest)
-    model = _lm_model(config, weights)
-    _save_lm_model(model, config, dest, quantization, group_size, dtype)
+    quant = None
+    if quantization is not None:
+        quant = {"group_size": group_size, "bits": quantization, "mode": "affine"}
+    model = _lm_model(config, reader, dtype, quant)
+    config["torch_dtype"] = dtype
+    if quant is not None:  # what mlx-lm's quantize_model writes
+        config.update(quantization=quant, quantization_config=quant)
+    _save_lm_model(model, config, dest)
     return {
         "source_format": "gguf",
         "model_type": config["model_type"],
@@ -394,63 +405,108 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ConversionError(f"GGUF tensor {gguf_name!r} has no Gemma 3 counterpart")
 
 
-def gguf_weights(reader: Any) -> Iterator[tuple[str, Any]]:
-    """(HF name, float32 numpy array) for every tensor; RMSNorm weights back from 1+w to w."""
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        values = dequantize(tensor)
-        if name.endswith("norm.weight"):
-            values = values - 1.0
-        yield name, values
-
-
-def dequantize(tensor: Any) -> Any:
-    import numpy as np
+def gguf_rows(tensor: Any, name: str) -> Iterator[Any]:
+    """The tensor in float32 numpy blocks of rows, in its Hugging Face shape (RMSNorm weights
+    back from 1+w to w): a block at a time keeps the dequantizer's temporaries small."""
     from gguf.quants import dequantize as gguf_dequantize
 
-    kind = tensor.tensor_type
-    try:
-        values = gguf_dequantize(tensor.data, kind)
-    except NotImplementedError as exc:
-        raise ConversionError(
-            f"GGUF tensor {tensor.name} is {kind.name}, a type the gguf package cannot "
-            f"dequantize; convert from a file with another quantization"
-        ) from exc
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-    return np.ascontiguousarray(values, dtype=np.float32).reshape(shape)
+    data, kind = tensor.data, tensor.tensor_type
+    step = max(1, BLOCK_ELEMENTS // shape[-1]) if len(shape) == 2 else len(data)
+    for start in range(0, len(data), step):
+        try:
+            values = gguf_dequantize(data[start : start + step], kind)
+        except NotImplementedError as exc:
+            raise ConversionError(
+                f"GGUF tensor {tensor.name} is {kind.name}, a type the gguf package cannot "
+                f"dequantize; convert from a file with another quantization"
+            ) from exc
+        values = values.astype("float32", copy=False).reshape(-1, *shape[1:])
+        yield values - 1.0 if name.endswith("norm.weight") else values
 
 
-def _lm_model(config: dict[str, Any], weights: dict[str, Any]) -> Any:
-    import mlx.core as mx
+def _lm_model(config: dict[str, Any], reader: Any, dtype: str, quant: dict[str, Any] | None) -> Any:
+    """The Gemma 3 model filled tensor by tensor, each dequantized, cast and quantized a block
+    of rows at a time: memory holds the converted model and one tensor in ``dtype``."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
     from mlx_lm.models import gemma3_text
 
     model = gemma3_text.Model(gemma3_text.ModelArgs.from_dict(config))
-    arrays = {name: mx.array(values) for name, values in weights.items()}
-    weights.clear()
-    arrays = model.sanitize(arrays)
-    try:
-        model.load_weights(list(arrays.items()), strict=True)
-    except ValueError as exc:
-        raise ConversionError(f"the GGUF tensors do not fit a Gemma 3 model: {exc}") from exc
-    mx.eval(model.parameters())
+    model.sanitize(dict.fromkeys(hf_tensor_name(t.name) for t in reader.tensors))
+    expected = {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    modules = dict(tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module))
+    step = "dequantize, cast and quantize" if quant else "dequantize and cast"
+    with progress(step, len(reader.tensors)) as bar:
+        for tensor in reader.tensors:
+            name = hf_tensor_name(tensor.name)
+            _check_tensor(name, tensor, expected)
+            _load_tensor(model, modules, name, gguf_rows(tensor, name), dtype, quant)
+            del expected[name]
+            bar.update()
+    if expected:
+        missing = ", ".join(sorted(expected)[:5])
+        raise ConversionError(f"the GGUF tensors do not fit a Gemma 3 model: missing {missing}")
     return model
 
 
-def _save_lm_model(
-    model: Any,
-    config: dict[str, Any],
-    dest: Path,
-    quantization: int | None,
-    group_size: int,
-    dtype: str,
-) -> None:
-    from mlx_lm.utils import quantize_model, save_config, save_model
+def _check_tensor(name: str, tensor: Any, expected: dict[str, tuple]) -> None:
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if name not in expected:
+        raise ConversionError(f"the GGUF tensors do not fit a Gemma 3 model: unexpected {name}")
+    if shape != expected[name]:
+        raise ConversionError(
+            f"the GGUF tensors do not fit a Gemma 3 model: {name} has shape {shape}, "
+            f"not {expected[name]}"
+        )
 
-    _cast(model, dtype)
-    config = {**config, "torch_dtype": dtype}
-    if quantization is not None:
-        model, config = quantize_model(model, config, group_size, quantization)
-    save_model(dest, model, donate_model=True)
+
+def _load_tensor(
+    model: Any,
+    modules: dict[str, Any],
+    name: str,
+    blocks: Iterator[Any],
+    dtype: str,
+    quant: dict[str, Any] | None,
+) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_unflatten
+
+    path, key = name.rsplit(".", 1)
+    module, target = modules[path], getattr(mx, dtype)
+    if quant is not None and key == "weight" and _quantizable(module, quant["group_size"]):
+        # mlx-lm's quantize_model makes the same layer; its lazy initial weights are replaced
+        # before they are ever computed.
+        module = module.to_quantized(**quant)
+        module.update(_quantize_blocks(blocks, target, quant))
+        model.update_modules(tree_unflatten([(path, module)]))
+        modules[path] = module
+    else:
+        module[key] = mx.concatenate([mx.array(rows).astype(target) for rows in blocks])
+    mx.eval(module.parameters())
+
+
+def _quantize_blocks(blocks: Iterator[Any], target: Any, quant: dict[str, Any]) -> dict[str, Any]:
+    """Quantized weight, scales and biases, block by block (groups lie within a row)."""
+    import mlx.core as mx
+
+    parts = []
+    for rows in blocks:
+        parts.append(mx.quantize(mx.array(rows).astype(target), **quant))
+        mx.eval(parts[-1])
+    weight, scales, biases = (mx.concatenate(list(p)) for p in zip(*parts, strict=True))
+    return {"weight": weight, "scales": scales, "biases": biases}
+
+
+def _quantizable(module: Any, group_size: int) -> bool:
+    return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
+
+
+def _save_lm_model(model: Any, config: dict[str, Any], dest: Path) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    with stage("write"):
+        save_model(dest, model, donate_model=True)
     save_config(config, config_path=dest / "config.json")
     write_json(dest / "generation_config.json", _generation_config(config))
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conversions.common import ConversionError
+from conversions.progress import download_bars
 
 # What a converter reads; everything else in a repo (ONNX, GGUF, other frameworks) is skipped.
 CONFIG_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "1_Pooling/*"]
@@ -50,7 +51,9 @@ def download(repo: str, revision: str | None = None, kind: str | None = None) ->
         info = HfApi().model_info(repo, revision=revision)
         files = [s.rfilename for s in info.siblings or []]
         patterns = CONFIG_PATTERNS + _weight_patterns(files)
-        path = snapshot_download(repo, revision=info.sha, allow_patterns=patterns)
+        path = snapshot_download(
+            repo, revision=info.sha, allow_patterns=patterns, tqdm_class=download_bars()
+        )
     except GatedRepoError as exc:
         raise ConversionError(
             f"{repo} is gated: accept its licence on huggingface.co and set HF_TOKEN ({exc})"

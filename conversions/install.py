@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from conversions.common import ConversionError
+from conversions.progress import progress, stage
 from engine.store import ModelInfo, ModelMissing, Store, StoreError
 from engine.store.catalog import Service
-from engine.store.manifest import write_manifest
+from engine.store.manifest import hashed_bytes, source_digest, write_manifest
 
 FAMILIES: dict[Service, str] = {
     "chat": "conversions.gemma",
@@ -98,21 +99,31 @@ def install(
             dtype=options.dtype,
         )
         if smoke_test is not None:
-            _smoke(smoke_test, work)
-        write_manifest(
-            work,
-            id=model_id,
-            kind=kind,
-            source=source_info,
-            converter={"module": family.__name__, "version": family.CONVERTER_VERSION},
-            created=datetime.now(UTC).isoformat(timespec="seconds"),
-            **fields,
-        )
+            with stage("smoke test"):
+                _smoke(smoke_test, work)
+        with progress("sha256", hashed_bytes(work), unit="B") as bar:
+            write_manifest(
+                work,
+                on_bytes=bar.update,
+                id=model_id,
+                kind=kind,
+                source=source_info,
+                converter={"module": family.__name__, "version": family.CONVERTER_VERSION},
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                **fields,
+            )
         _replace(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return store.info(final, model_id)
+
+
+def source_sha256(source: Path) -> str:
+    """source_digest of a local source, with progress: a large source takes a while."""
+    total = source.stat().st_size if source.is_file() else hashed_bytes(source)
+    with progress("sha256 of the source", total, unit="B") as bar:
+        return source_digest(source, bar.update)
 
 
 def _smoke(smoke_test: SmokeTest, directory: Path) -> None:

@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from conversions.common import ConversionError, check_options, read_source_json
+from conversions.progress import stage
 
 CONVERTER_VERSION = "1"
 WEIGHTS = "weights.safetensors"
@@ -641,7 +642,8 @@ def convert(
 ) -> dict[str, Any]:
     """Write an mlx-whisper model directory at `dest`; return the manifest fields."""
     target_dtype = _check_options(quantization, group_size, dtype)
-    ckpt = read_checkpoint(Path(source))
+    with stage("read"):
+        ckpt = read_checkpoint(Path(source))
     _check_complete(ckpt)
     heads, heads_source = resolve_alignment_heads(ckpt)
     weights = _cast(ckpt.weights, target_dtype)
@@ -675,8 +677,9 @@ def _write(
     config: dict[str, Any] = {"model_type": "whisper", **dims}
     if quant is not None:
         config["quantization"] = quant
-    mx.eval(weights)
-    mx.save_safetensors(str(dest / WEIGHTS), weights, metadata={"format": "mlx"})
+    with stage("cast, quantize and write" if quant else "cast and write"):
+        mx.eval(weights)
+        mx.save_safetensors(str(dest / WEIGHTS), weights, metadata={"format": "mlx"})
     (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,27 +13,44 @@ from engine.jsonfile import read_json
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
+# Told the number of bytes hashed since its last call (a progress reporter's update).
+OnBytes = Callable[[int], None]
 
-def sha256_file(path: Path) -> str:
+
+def sha256_file(path: Path, on_bytes: OnBytes | None = None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+            if on_bytes is not None:
+                on_bytes(len(block))
     return digest.hexdigest()
 
 
-def file_table(directory: Path) -> dict[str, dict[str, Any]]:
+def _files(directory: Path) -> list[tuple[str, Path]]:
+    """Every file below `directory` by relative name, except the manifest itself."""
+    paths = sorted(directory.rglob("*"))
+    named = [(path.relative_to(directory).as_posix(), path) for path in paths if path.is_file()]
+    return [(rel, path) for rel, path in named if rel != MANIFEST]
+
+
+def hashed_bytes(directory: Path) -> int:
+    """How many bytes file_table reads: the total to report its progress against."""
+    return sum(path.stat().st_size for _, path in _files(directory))
+
+
+def file_table(directory: Path, on_bytes: OnBytes | None = None) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file below `directory`, except the manifest itself."""
-    table = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel != MANIFEST:
-            table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return table
+    return {
+        rel: {"sha256": sha256_file(path, on_bytes), "size": path.stat().st_size}
+        for rel, path in _files(directory)
+    }
 
 
-def write_manifest(directory: Path, **fields: Any) -> dict[str, Any]:
-    files = file_table(directory)
+def write_manifest(
+    directory: Path, on_bytes: OnBytes | None = None, **fields: Any
+) -> dict[str, Any]:
+    files = file_table(directory, on_bytes)
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         **fields,
@@ -58,9 +76,9 @@ def verify(directory: Path) -> list[str]:
     return problems
 
 
-def source_digest(source: Path) -> str:
+def source_digest(source: Path, on_bytes: OnBytes | None = None) -> str:
     """sha256 of a source file, or of the file table of a source directory."""
     if source.is_file():
-        return sha256_file(source)
-    table = json.dumps(file_table(source), sort_keys=True).encode()
+        return sha256_file(source, on_bytes)
+    table = json.dumps(file_table(source, on_bytes), sort_keys=True).encode()
     return hashlib.sha256(table).hexdigest()

@@ -330,6 +330,17 @@ def test_tiny_gguf_chat_path(tiny_gguf_out: dict[str, tuple]) -> None:
         assert greedy_tokens(runner, prompt.input_ids.tolist()[0], 4)
 
 
+def test_gguf_conversion_reports_progress(tiny_gguf: Path, tmp_path: Path, capfd) -> None:
+    gemma.convert(tiny_gguf, tmp_path / "q8", quantization=8, group_size=32, dtype="float32")
+    lines = capfd.readouterr().err.splitlines()
+    steps = [line for line in lines if line.startswith("convert: dequantize")]
+    assert steps[-1] == "convert: dequantize, cast and quantize 28/28 tensors"
+    assert len(steps) <= 11
+    assert "convert: write..." in lines and any(
+        line.startswith("convert: write done") for line in lines
+    )
+
+
 def test_gguf_errors(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="does not exist"):
         gemma.convert(tmp_path / "missing.gguf", tmp_path / "out")
