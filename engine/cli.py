@@ -15,7 +15,7 @@ from typing import Any
 
 from engine import __version__
 from engine.config import Config, ConfigError, add_serve_flags, load_config
-from engine.store.catalog import CATALOG, DEFAULT_DTYPE, DEFAULT_QUANTIZATION, SERVICES
+from engine.store.catalog import CATALOG, DEFAULT_QUANTIZATION, GPU_DTYPE, SERVICES
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_conversion_flags(parser: argparse.ArgumentParser) -> None:
     bits = ", ".join(f"{kind} {DEFAULT_QUANTIZATION[kind] or 0}" for kind in SERVICES)
-    dtypes = ", ".join(f"{kind} {DEFAULT_DTYPE[kind]}" for kind in SERVICES)
+    dtypes = ", ".join(f"{kind} {GPU_DTYPE[kind]}" for kind in SERVICES)
     parser.add_argument(
         "-q",
         "--quantize",
@@ -94,7 +94,11 @@ def _add_conversion_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         choices=("float16", "bfloat16", "float32"),
-        help=f"float dtype (default: the catalog entry's, else by kind: {dtypes})",
+        help=(
+            "float dtype (default: float32 where MLX runs on the CPU, e.g. Linux without CUDA: "
+            "half types are several times slower there; on a GPU the catalog entry's, else by "
+            f"kind: {dtypes})"
+        ),
     )
     parser.add_argument("--force", action="store_true", help="replace an installed model")
 
@@ -188,10 +192,11 @@ def cmd_models(config: Config) -> int:
     if not models:
         print(f"No models in {config.home / 'models'}. Install one with `mlxd pull ID`.")
         return 0
-    print(f"{'ID':32} {'KIND':11} {'SIZE':>10}  QUANTIZATION")
+    print(f"{'ID':32} {'KIND':11} {'SIZE':>10}  {'DTYPE':9} QUANTIZATION")
     for model in models:
         size = f"{model.size_bytes / 1e6:.1f} MB"
-        print(f"{model.id:32} {model.kind or '?':11} {size:>10}  {model.quantization}")
+        kind = model.kind or "?"
+        print(f"{model.id:32} {kind:11} {size:>10}  {model.dtype:9} {model.quantization}")
     return 0
 
 
@@ -297,14 +302,14 @@ def cmd_doctor(config: Config) -> int:
 
 def _options(args: argparse.Namespace, kind: str, entry=None) -> Any:
     from conversions.install import ConvertOptions
-    from engine.store.catalog import DEFAULT_DTYPE, DEFAULT_QUANTIZATION
+    from engine.store.catalog import default_dtype
 
     bits = (
         args.quantize
         if args.quantize is not None
         else (entry.quantization if entry else DEFAULT_QUANTIZATION[kind])
     )
-    dtype = args.dtype or (entry.dtype if entry else DEFAULT_DTYPE[kind])
+    dtype = args.dtype or default_dtype(kind, entry)
     return ConvertOptions(quantization=bits or None, group_size=args.group_size, dtype=dtype)
 
 
@@ -338,22 +343,22 @@ def cmd_pull(config: Config, args: argparse.Namespace) -> int:
         smoke_test=smoke_test(kind),
         force=args.force,
     )
-    print(f"Installed {info.id} ({kind}) from {repo}@{fetched.revision[:12]} in {info.path}")
+    origin = f"{repo}@{fetched.revision[:12]}"
+    print(f"Installed {info.id} ({_summary(info)}) from {origin} in {info.path}")
     return 0
 
 
 def cmd_convert(config: Config, args: argparse.Namespace) -> int:
-    from conversions.install import install
+    from conversions.install import install, source_sha256
     from engine.services import smoke_test
     from engine.store import Store
-    from engine.store.manifest import source_digest
 
     source = Path(args.source).expanduser().resolve()
     if not source.exists():
         raise CommandError(f"source {args.source} does not exist")
     store = Store(config.home)
     _refuse_existing(store, args.as_id, args.force)
-    info_source = {"type": "local", "path": str(source), "sha256": source_digest(source)}
+    info_source = {"type": "local", "path": str(source), "sha256": source_sha256(source)}
     info = install(
         store,
         args.as_id,
@@ -364,8 +369,15 @@ def cmd_convert(config: Config, args: argparse.Namespace) -> int:
         smoke_test=smoke_test(args.kind),
         force=args.force,
     )
-    print(f"Installed {info.id} ({args.kind}) from {source} in {info.path}")
+    print(f"Installed {info.id} ({_summary(info)}) from {source} in {info.path}")
     return 0
+
+
+def _summary(info: Any) -> str:
+    """The kind, the quantization if any and the float dtype: "chat, 8-bit, float32"."""
+    quant = (info.manifest or {}).get("quantization")
+    bits = [f"{quant['bits']}-bit"] if quant else []
+    return ", ".join([info.kind or "?", *bits, info.dtype])
 
 
 def _refuse_existing(store: Any, model_id: str, force: bool) -> None:

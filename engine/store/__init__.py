@@ -53,6 +53,11 @@ class ModelInfo:
             return f"q{quant.get('bits')} (group {quant.get('group_size')})"
         return (self.manifest or {}).get("dtype") or _weights_dtype(config)
 
+    @property
+    def dtype(self) -> str:
+        """The float dtype it was converted to; "?" for a model without that in its manifest."""
+        return str((self.manifest or {}).get("dtype") or "?")
+
 
 def _weights_dtype(config: dict[str, Any]) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "unknown")

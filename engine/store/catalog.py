@@ -113,4 +113,23 @@ CATALOG: dict[str, CatalogEntry] = {
 }
 
 DEFAULT_QUANTIZATION: dict[Service, int | None] = {"chat": 4, "embeddings": None, "stt": None}
-DEFAULT_DTYPE: dict[Service, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}
+# On a GPU (Metal, CUDA). MLX's CPU backend runs half-precision weights and quantization
+# scales several times slower than float32 (a Gemma 3 270M at q8: 0.19 vs 2.1 tokens/s).
+GPU_DTYPE: dict[Service, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}
+HALF_DTYPES = ("float16", "bfloat16")
+CPU_DTYPE = "float32"
+
+
+def runs_on_cpu() -> bool:
+    """Whether MLX has neither a Metal nor a CUDA GPU here (e.g. Linux with mlx[cpu])."""
+    import mlx.core as mx
+
+    cuda = getattr(mx, "cuda", None)
+    return not (mx.metal.is_available() or (cuda is not None and cuda.is_available()))
+
+
+def default_dtype(service: Service, entry: CatalogEntry | None = None) -> str:
+    """The float dtype to convert to here: the catalog entry's, else the service's; a half
+    type becomes float32 where MLX runs on the CPU."""
+    dtype = entry.dtype if entry else GPU_DTYPE[service]
+    return CPU_DTYPE if dtype in HALF_DTYPES and runs_on_cpu() else dtype

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.store.catalog import default_dtype
 from engine.store.manifest import verify
 from tests.fake_hub import FakeHub
 
@@ -58,12 +59,20 @@ def test_convert_installs_with_a_complete_manifest(tmp_path: Path, source: Path)
     assert len(manifest["source"]["sha256"]) == 64
     assert manifest["converter"] == {"module": "tests.fake_family", "version": "fake-1"}
     assert manifest["quantization"] == {"bits": 8, "group_size": 64}
-    assert manifest["dtype"] == "float16"
+    dtype = default_dtype("embeddings")
+    assert manifest["dtype"] == dtype
+    assert f"Installed my-bge (embeddings, 8-bit, {dtype}) from {source}" in result.stdout
+    assert "convert: sha256 of the source 24.0/24.0 MB" in result.stderr.splitlines()
+    assert (
+        "convert: smoke test done" in result.stderr
+        and "convert: sha256 0.0/0.0 MB" in result.stderr
+    )
     assert set(manifest["files"]) == {"config.json", "weights.bin"}
     assert manifest["size_bytes"] == 1000 + (model / "config.json").stat().st_size
     assert verify(model) == []
     listed = mlxd(home, "models")
-    assert "my-bge" in listed.stdout and "q8 (group 64)" in listed.stdout
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("my-bge"))
+    assert row.split()[4:] == [dtype, "q8", "(group", "64)"]
 
 
 def test_existing_model_needs_force(tmp_path: Path, source: Path) -> None:
@@ -167,8 +176,10 @@ def test_pull_resumes_a_dropped_download_by_range(tmp_path: Path, source: Path) 
         "repo": "BAAI/bge-base-zh-v1.5",
         "revision": hub.commit,
     }
-    assert manifest["dtype"] == "float16" and manifest["quantization"] is None
+    assert manifest["dtype"] == default_dtype("embeddings") and manifest["quantization"] is None
     assert manifest["kind"] == "embeddings"
+    assert "convert: download" in result.stderr
+    assert f"Installed bge-base-zh (embeddings, {manifest['dtype']}) from" in result.stdout
 
 
 def test_killed_pull_keeps_finished_files_and_installs_nothing(

@@ -103,3 +103,36 @@ def test_every_option_that_takes_a_value_shows_its_default() -> None:
             takes_value = action.option_strings and action.nargs != 0 and not action.required
             if takes_value:
                 assert "default" in formatter._get_help_string(action), (name, action.dest)
+
+
+def test_dtype_defaults_to_the_platform_and_the_flag_overrides(monkeypatch) -> None:
+    import mlx.core as mx
+
+    from engine.cli import _options, build_parser
+
+    def options(*flags: str):
+        args = build_parser().parse_args(["convert", "chat", "src", "--as", "m", *flags])
+        return _options(args, "chat")
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    if hasattr(mx, "cuda"):
+        monkeypatch.setattr(mx.cuda, "is_available", lambda: False)
+    assert options().dtype == "float32"
+    assert options("--dtype", "bfloat16").dtype == "bfloat16"
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    assert options().dtype == "bfloat16"
+    assert options("--dtype", "float32").dtype == "float32"
+
+
+def test_models_shows_the_dtype(tmp_path: Path, capsys) -> None:
+    for name, manifest in (("new", {"kind": "chat", "dtype": "float32"}), ("old", None)):
+        model = tmp_path / "models" / name
+        model.mkdir(parents=True)
+        (model / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+        if manifest:
+            (model / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["models", "--home", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ID", "KIND", "SIZE", "DTYPE", "QUANTIZATION"]
+    assert lines[1].split()[:5] == ["new", "chat", "0.0", "MB", "float32"]
+    assert lines[2].split()[:5] == ["old", "chat", "0.0", "MB", "?"]
