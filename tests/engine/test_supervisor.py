@@ -77,7 +77,6 @@ def test_a_taken_port_exits_non_zero_naming_it(tmp_path) -> None:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "engine", "serve", "--home", str(tmp_path)]
             + ["--chat-port", str(free_port()), "--embeddings-port", str(port)]
@@ -87,7 +86,7 @@ def test_a_taken_port_exits_non_zero_naming_it(tmp_path) -> None:
             timeout=30,
         )
     assert result.returncode != 0
-    assert time.monotonic() - started < 5
+    assert "started process" not in result.stderr  # refused before any service was started
     assert str(port) in result.stderr and "already in use" in result.stderr
 
 
@@ -121,9 +120,7 @@ def test_sigterm_exits_zero_promptly_even_with_work_in_flight(tmp_path, tiny_mod
     )
     thread.start()
     time.sleep(0.5)
-    started = time.monotonic()
-    assert server.stop(timeout=20) == 0
-    assert time.monotonic() - started < 15
+    assert server.stop(timeout=20) == 0  # by itself: stop() kills only after the timeout
     thread.join(5)
     assert worker_pid(server.process.pid, "chat") is None
 

@@ -401,9 +401,8 @@ def test_three_minutes_while_health_and_a_short_request_answer(server: Server) -
     worker = threading.Thread(target=transcribe_long)
     worker.start()
     _wait_until_working(server)
-    started = time.monotonic()
     assert server.get("stt", "/health").status_code == 200
-    assert time.monotonic() - started < 0.5
+    assert "long" not in finished, "/health answered only after the long request"
     short = inference(server, wav(noise(1.0, seed=4)))
     finished["short"] = time.monotonic()
     assert short.status_code == 200
@@ -428,6 +427,4 @@ def test_client_disconnect_stops_the_work(server: Server) -> None:
         )
     server.wait_for(lambda: "POST /inference 499" in server.log(), 10, "the 499 access line")
     server.wait_for(lambda: "transcription cancelled after" in server.log(), 20, "the cancellation")
-    started = time.monotonic()
     assert inference(server, wav(noise(1.0))).status_code == 200
-    assert time.monotonic() - started < 15
