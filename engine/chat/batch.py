@@ -97,8 +97,9 @@ class _DecodeView:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[_RowKV, _RowKV]:
         out_k, out_v = [], []
-        for i, cache in enumerate(self.caches):
-            k, v = cache.update_and_fetch(keys[i : i + 1], values[i : i + 1])
+        n = len(self.caches)  # one split each (a single op), not n slices
+        for cache, k, v in zip(self.caches, mx.split(keys, n), mx.split(values, n), strict=True):
+            k, v = cache.update_and_fetch(k, v)
             out_k.append(k)
             out_v.append(v)
         return _RowKV(out_k), _RowKV(out_v)
@@ -126,9 +127,10 @@ def _install_ragged_attention(module: Any) -> None:
         if kwargs.get("sinks") is not None or kwargs.get("mask") is not None:
             raise NotImplementedError("ragged decode takes no mask or attention sinks")
         scale = kwargs["scale"]
+        split = mx.split(queries, len(keys.rows))
         rows = [
-            mx.fast.scaled_dot_product_attention(queries[i : i + 1], k, v, scale=scale)
-            for i, (k, v) in enumerate(zip(keys.rows, values.rows, strict=True))
+            mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            for q, k, v in zip(split, keys.rows, values.rows, strict=True)
         ]
         return mx.concatenate(rows, axis=0)
 
