@@ -79,6 +79,9 @@ def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
         return NotFound(f"Not found: {method} {path}", code="not_found")
     if status == 405:
         return status_error(405, f"Method {method} is not allowed for {path}", "method_not_allowed")
+    if status == 413 and "header" in str(exc).lower():
+        message = "Request header fields too large (the request line and headers)"
+        return status_error(431, message, "request_header_fields_too_large")
     if status == 413:
         limit = request.app.config.REQUEST_MAX_SIZE if request is not None else 0
         message = f"Request body too large: the limit is {limit // (1024 * 1024)} MiB"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from sanic import Request
@@ -12,6 +13,9 @@ from engine.errors import InvalidRequest
 
 JSON_TYPES = ("application/json",)
 _MISSING = object()
+INT64 = (-(2**63), 2**63 - 1)  # integers a client may send: beyond, a 400 (not C++'s bad_cast)
+# A \uD800-\uDFFF escape that may be half a surrogate pair: checked exactly only on a match.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def _media_type(request: Request) -> str:
@@ -38,7 +42,12 @@ def parse_json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest("The request body is empty: send a JSON object", code="invalid_json")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise InvalidRequest("The body is nested too deeply", code="invalid_json") from None
+    except ValueError as exc:
+        if not isinstance(exc, json.JSONDecodeError | UnicodeDecodeError):  # e.g. huge integers
+            message = f"The body is not valid JSON: {exc}"
+            raise InvalidRequest(message, code="invalid_json") from None
         if lenient and media:
             raise InvalidRequest(
                 f"Unsupported content type {media!r}: send the body as application/json",
@@ -48,7 +57,30 @@ def parse_json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest(f"The body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The body must be a JSON object", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and not _encodable(body):
+        raise InvalidRequest(
+            "The body has a lone UTF-16 surrogate (\\ud800-\\udfff escape): send valid Unicode",
+            code="invalid_json",
+        )
     return body
+
+
+def _encodable(value: Any) -> bool:
+    """No string in the parsed body holds a lone surrogate (which UTF-8 cannot encode)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _type_name(value: Any) -> str:
@@ -84,6 +116,9 @@ def optional_number(
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
         raise wrong_type(name, "an integer" if integer else "a number", value)
+    if integer:
+        minimum = INT64[0] if minimum is None else minimum
+        maximum = INT64[1] if maximum is None else maximum
     low_fail = minimum is not None and (value <= minimum if exclusive_minimum else value < minimum)
     if low_fail or (maximum is not None and value > maximum):
         low = "(" if exclusive_minimum else "["

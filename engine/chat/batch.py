@@ -677,7 +677,7 @@ def _sample_row(logprobs: mx.array, row: _Row, step: int) -> mx.array:
         logprobs = apply_top_p(logprobs, p.top_p)
     if p.min_p != 0.0:
         logprobs = apply_min_p(logprobs, p.min_p, 1)
-    if p.top_k > 0:
+    if 0 < p.top_k < logprobs.shape[-1]:  # a top_k past the vocabulary keeps every token
         logprobs = apply_top_k(logprobs, p.top_k)
     key = row_key(row.seed, step)
     return mx.random.categorical(logprobs * (1.0 / p.temperature), key=key)

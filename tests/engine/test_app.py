@@ -113,6 +113,31 @@ def test_framework_errors_use_the_openai_shape(tmp_path: Path) -> None:
         assert client.get("/health")[1].status == 200
 
 
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        (b'{"input": "' + b"\\ud800" + b'"}', "surrogate"),
+        (b'{"input": ["ok", {"x": "' + b"\\udfff" + b'"}]}', "surrogate"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested"),
+        (b'{"input": "hi", "dimensions": ' + b"9" * 5000 + b"}", "not valid JSON"),
+    ],
+)
+def test_input_at_pythons_limits_is_a_400(tmp_path: Path, raw: bytes, words: str) -> None:
+    with serving(tmp_path, "embeddings") as (client, _):
+        response = client.post("/v1/embeddings", content=raw)[1]
+        error = assert_error(response, 400, code="invalid_json")
+        assert words in error["message"]
+        paired = b'{"input": "' + b"\\ud83d\\ude00" + b' \\\\ud800"}'  # a pair, an escaped "\\"
+        assert client.post("/v1/embeddings", content=paired)[1].status == 200
+
+
+def test_oversized_headers_are_431(tmp_path: Path) -> None:
+    with serving(tmp_path, "embeddings") as (client, _):
+        response = client.get("/health", headers={"x-big": "a" * 20_000})[1]
+        assert_error(response, 431, code="request_header_fields_too_large")
+        assert client.get("/health")[1].status == 200
+
+
 def test_curl_default_content_type_with_json_body_is_accepted(tmp_path: Path) -> None:
     headers = {"content-type": "application/x-www-form-urlencoded"}
     with serving(tmp_path, "embeddings") as (client, _):
@@ -262,6 +287,8 @@ CHAT = {"messages": [{"role": "user", "content": "Say hello"}]}
         ({**CHAT, "stream": "yes"}, "stream"),
         ({**CHAT, "reasoning_effort": "max"}, "reasoning_effort"),
         ({**CHAT, "seed": "x"}, "seed"),
+        ({**CHAT, "top_k": 10**30}, "top_k"),
+        ({**CHAT, "seed": -(10**30)}, "seed"),
     ],
 )
 def test_chat_bad_requests(tmp_path: Path, body: dict, param: str) -> None:

@@ -257,3 +257,12 @@ def test_a_long_prompt_is_read_in_chunks_while_rows_keep_decoding(runner: ChatRu
         assert 0 < progress - read <= 8  # never more than the chunk at a time
         read = progress
     assert read == len(long_prompt) - 1
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_runner: ChatRunner) -> None:
+    ids = prompt_ids(tiny_runner, PROMPTS[0])
+    huge = RowParams(temperature=1.0, seed=11, top_k=10**9)
+    none = RowParams(temperature=1.0, seed=11)
+    got, _ = run(make_engine(tiny_runner), {"huge": {"prompt_ids": ids, "params": huge}})
+    want, _ = run(make_engine(tiny_runner), {"none": {"prompt_ids": ids, "params": none}})
+    assert got[("huge", 0)] == want[("none", 0)]
