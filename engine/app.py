@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from engine.config import LOOPBACK_HOSTS, Config
 from engine.errors import (
     ApiError,
     AuthenticationError,
+    InvalidRequest,
     NotFound,
     PermissionDenied,
     ServerError,
@@ -148,13 +150,8 @@ def _install_middleware(app: Sanic, config: Config) -> None:
     async def start(request: Request) -> HTTPResponse | None:
         request.ctx.started = time.monotonic()
         request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        host = _host_name(request.headers.get("host", ""))
-        if host and host not in allowed_hosts and "*" not in allowed_hosts:
-            raise PermissionDenied(
-                f"Host {host!r} is not allowed: mlxd answers loopback names only "
-                "(add it with --allowed-hosts)",
-                code="host_not_allowed",
-            )
+        _check_host(request, allowed_hosts)
+        _check_origin(request, config)
         if request.method == "OPTIONS" and _cors_origin(request, config):
             return empty(status=204)
         if config.api_key and request.path not in PUBLIC_PATHS:
@@ -177,11 +174,46 @@ def _install_middleware(app: Sanic, config: Config) -> None:
         )
 
 
-def _host_name(header: str) -> str:
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header.split("]")[0] + "]"
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?")
+# Origins a local tool's page or app may send without --cors-origins (as Ollama allows).
+_LOCAL_ORIGIN = re.compile(
+    r"(https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?"
+    r"|(app|file|tauri|vscode-webview)://.*)"
+)
+
+
+def _host_name(header: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`); None if malformed."""
+    match = _HOST.fullmatch(header.strip().lower())
+    return match.group(1) if match else None
+
+
+def _check_host(request: Request, allowed: set[str]) -> None:
+    headers = request.headers.getall("host", [])
+    if not headers:
+        return  # HTTP/1.0, or a request the framework refused before reading its headers
+    host = _host_name(headers[0]) if len(headers) == 1 else None
+    if host is None:
+        raise InvalidRequest("A request needs exactly one well-formed Host header", code="bad_host")
+    if host not in allowed and "*" not in allowed:
+        raise PermissionDenied(
+            f"Host {host!r} is not allowed: mlxd answers loopback names only "
+            "(add it with --allowed-hosts)",
+            code="host_not_allowed",
+        )
+
+
+def _check_origin(request: Request, config: Config) -> None:
+    """A browser's cross-origin request from a page not allowed by --cors-origins is refused,
+    so that a web page cannot make the user's browser run work here ("simple" POSTs need no
+    preflight). Clients that are not browsers send no Origin."""
+    origin = request.headers.get("origin")
+    if origin is None or _cors_origin(request, config) or _LOCAL_ORIGIN.fullmatch(origin):
+        return
+    raise PermissionDenied(
+        f"Cross-origin request from {origin!r} refused: allow the origin with --cors-origins",
+        code="origin_not_allowed",
+    )
 
 
 def _cors_origin(request: Request, config: Config) -> str | None:

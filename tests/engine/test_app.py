@@ -231,10 +231,47 @@ def test_security_host_api_key_and_cors(tmp_path: Path) -> None:
         assert_error(client.post("/v1/embeddings", json={"input": "x"})[1], 401)
         bad = {"authorization": "Bearer nope"}
         assert_error(client.post("/v1/embeddings", json={"input": "x"}, headers=bad)[1], 401)
-        good = {"authorization": "Bearer sekret", "origin": "http://site.example"}
+        good = {"authorization": "Bearer sekret", "origin": "http://localhost:3000"}
         response = client.post("/v1/embeddings", json={"input": "x"}, headers=good)[1]
         assert response.status == 200
         assert "access-control-allow-origin" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "host", ["[::1]evil.example", "127.0.0.1:8080@evil.example", "", "127.0.0.1:80:80"]
+)
+def test_malformed_host_headers_are_refused(tmp_path: Path, host: str) -> None:
+    with serving(tmp_path, "embeddings") as (client, _):
+        response = client.get("/health", headers={"host": host})[1]
+        assert response.status in (400, 403), response.text
+
+
+def test_two_host_headers_are_refused() -> None:
+    from types import SimpleNamespace
+
+    from sanic.compat import Header
+
+    from engine.app import _check_host
+    from engine.errors import InvalidRequest
+
+    two = SimpleNamespace(headers=Header([("host", "127.0.0.1"), ("host", "evil.example")]))
+    with pytest.raises(InvalidRequest) as raised:
+        _check_host(two, {"127.0.0.1"})  # type: ignore[arg-type]
+    assert raised.value.code == "bad_host"
+
+
+def test_a_web_page_cannot_make_the_browser_run_work_here(tmp_path: Path) -> None:
+    """A "simple" cross-origin POST (form content type: no preflight) from another site."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    with serving(tmp_path, "embeddings") as (client, made):
+        evil = form | {"origin": "http://evil.example"}
+        response = client.post("/v1/embeddings", content=b'{"input": "x"}', headers=evil)[1]
+        assert_error(response, 403, code="origin_not_allowed")
+        assert "--cors-origins" in response.json["error"]["message"]
+        for origin in ("http://127.0.0.1:5173", "http://[::1]", "vscode-webview://abc"):
+            local = form | {"origin": origin}
+            response = client.post("/v1/embeddings", content=b'{"input": "x"}', headers=local)[1]
+            assert response.status == 200, origin
 
 
 def test_cors_when_configured(tmp_path: Path) -> None:
@@ -244,7 +281,7 @@ def test_cors_when_configured(tmp_path: Path) -> None:
         assert response.status == 204
         assert response.headers["access-control-allow-origin"] == "http://app.example"
         other = client.get("/health", headers={"origin": "http://other.example"})[1]
-        assert "access-control-allow-origin" not in other.headers
+        assert other.status == 403 and "access-control-allow-origin" not in other.headers
 
 
 def test_allowed_hosts(tmp_path: Path) -> None:
