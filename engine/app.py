@@ -238,8 +238,8 @@ def _check_api_key(request: Request, api_key: str) -> None:
 def common_routes() -> Blueprint:
     bp = Blueprint("common")
 
-    @bp.get("/health")
-    @bp.get("/v1/health", name="health_v1")
+    @bp.route("/health", methods=["GET", "HEAD"])
+    @bp.route("/v1/health", methods=["GET", "HEAD"], name="health_v1")
     async def health(request: Request) -> HTTPResponse:
         worker: ModelThread = request.app.ctx.worker
         if worker.state is ModelState.READY:
@@ -249,6 +249,7 @@ def common_routes() -> Blueprint:
         return json_response({"status": "error", "message": worker.message}, status=503)
 
     @bp.get("/v1/models")
+    @bp.get("/models", name="models_bare")  # llama-server serves both
     async def models(request: Request) -> HTTPResponse:
         return json_response({"object": "list", "data": _model_cards(request.app)})
 

@@ -67,6 +67,17 @@ def test_health_is_503_loading_then_200(tmp_path: Path) -> None:
         assert response.json == {"status": "ok"}
 
 
+def test_what_a_llama_server_client_also_calls(tmp_path: Path) -> None:
+    with serving(tmp_path, "embeddings", api_key="k") as (client, _):
+        _, head = client.head("/health")
+        assert head.status == 200 and not head.body
+        auth = {"authorization": "Bearer k"}
+        _, bare = client.get("/models", headers=auth)
+        _, v1 = client.get("/v1/models", headers=auth)
+        assert bare.status == 200 and bare.json == v1.json
+        assert bare.json["data"] and bare.json["object"] == "list"
+
+
 def test_missing_model_is_explained_and_the_service_stays_up(tmp_path: Path) -> None:
     Sanic._app_registry.clear()
     config = build_config({"home": str(tmp_path), "embeddings_model": "not-installed"})
