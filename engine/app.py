@@ -6,6 +6,7 @@ Nothing heavy happens at import time: the model loads on the model thread after 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -26,6 +27,7 @@ from engine.config import LOOPBACK_HOSTS, Config
 from engine.errors import (
     ApiError,
     AuthenticationError,
+    ClientClosed,
     InvalidRequest,
     NotFound,
     PermissionDenied,
@@ -68,6 +70,8 @@ class OpenAIErrorHandler(ErrorHandler):
 def error_response(request: Request | None, exception: Exception) -> HTTPResponse:
     if isinstance(exception, ApiError):
         return exception.response()
+    if isinstance(exception, asyncio.CancelledError):  # the client went away mid-request
+        return ClientClosed("Client closed the request", code="client_closed").response()
     if isinstance(exception, SanicException):
         return _framework_error(request, exception).response()
     log.exception("unhandled error", exc_info=exception)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 import wave
@@ -231,3 +232,20 @@ def test_node_sdk_chat_stream_and_not(server: Server, node_client) -> None:
     assert whole["content"] and whole["content"] == streamed["content"]
     assert streamed["finish_reason"] == whole["finish_reason"]
     assert streamed["usage"]["completion_tokens"] == whole["usage"]["completion_tokens"]
+
+
+def test_a_client_that_leaves_mid_reply_is_a_quiet_499(server: Server) -> None:
+    # On the seeded tiny model this seed samples no end of turn for hundreds of tokens.
+    body = {"messages": [{"role": "user", "content": "Go"}], "max_tokens": 3000, "seed": 2}
+    raw = json.dumps(body).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", server.ports["chat"]), timeout=30) as sock:
+        sock.sendall(head.encode() + raw)
+        time.sleep(0.5)  # the reply is being generated
+    server.wait_for(
+        lambda: "POST /v1/chat/completions 499" in server.log(), 60, "the 499 access line"
+    )
+    assert "RequestCancelled" not in server.log() and "unhandled error" not in server.log()
