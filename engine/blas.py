@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -81,8 +80,6 @@ def describe(libraries: list[str]) -> str:
             return f"OpenBLAS ({path})"
         if "mkl" in name:
             return f"MKL ({path})"
-        if "accelerate" in path.lower():
-            return "Accelerate"
     for path in libraries:
         if "libblas" in Path(path).name.lower():
             where = "MLX's bundled reference BLAS" if "mlx" in path else "reference BLAS"
@@ -164,12 +161,7 @@ def report() -> dict[str, object]:
         blas = "Metal (GPU)"
     else:
         blas = describe(libraries) if libraries is not None else "unknown"
-    return {
-        "blas": blas,
-        "preload": os.environ.get("LD_PRELOAD", ""),
-        "matmul_size": MATMUL_SIZE,
-        "gflops": round(gflops, 2),
-    }
+    return {"blas": blas, "gflops": round(gflops, 2)}
 
 
 if __name__ == "__main__":

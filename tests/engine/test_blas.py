@@ -96,3 +96,10 @@ def test_doctor_measures_the_bundled_blas_when_asked() -> None:
     plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     out = _doctor(plain, "--only", "chat", "--blas", "bundled")
     assert "BLAS for the services (--blas bundled): MLX's bundled reference BLAS" in out, out
+
+
+def test_doctor_says_when_the_probe_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import cli
+
+    monkeypatch.setattr(cli.sys, "executable", "/bin/false")
+    assert cli._probe_blas(dict(os.environ)) == {"blas": "probe failed: no output", "gflops": 0.0}
