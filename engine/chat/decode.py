@@ -71,6 +71,8 @@ class ChatModel(Protocol):
         tools: list[dict] | None = None,
     ) -> Any: ...
 
+    def prepare_raw(self, text: str) -> Any: ...
+
     def decode_token(self, token: int) -> str: ...
 
     def open_batch(self, *, max_batch: int, prefill_chunk: int, cache_bytes: int) -> ChatBatch: ...
@@ -192,6 +194,9 @@ class Scheduler:
         except InvalidRequest as exc:
             job.finish(error=exc)
             return None
+        if request.count_only:
+            job.finish(ChatOutcome(finish_reasons=[], prompt_tokens=prompt.n_tokens))
+            return None
         room = self.runner.context_length - prompt.n_tokens
         params = _params(self.runner, request, room)
         limit_set = request.max_tokens is not None
@@ -215,6 +220,8 @@ class Scheduler:
 
     def _prompt(self, request: ChatRequest) -> Any:
         try:
+            if request.prompt is not None:
+                return self.runner.prepare_raw(request.prompt)
             prompt = self.runner.prepare(
                 request.messages,
                 request.images,
@@ -303,6 +310,8 @@ class Scheduler:
             self._extend(reply, row.index)
             return
         reply.outcome.finish_reasons[row.index] = step.finish_reason
+        if step.stop_sequence is not None:
+            reply.outcome.stop_sequences[row.index] = step.stop_sequence
         reply.open.discard(row.index)
         if not reply.open:
             self._finish(reply, now)

@@ -58,6 +58,8 @@ class ChatRequest:
     logprobs: int | None = None  # None: off; n: the chosen token plus the top n
     image_refs: list[ImageRef] = field(default_factory=list)
     n: int = 1  # choices
+    prompt: str | None = None  # raw text for /v1/completions: no chat template, no messages
+    count_only: bool = False  # render and tokenize only: the outcome's prompt_tokens
 
 
 # ---- messages ----------------------------------------------------------------------------

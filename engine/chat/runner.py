@@ -163,6 +163,14 @@ class ChatRunner:
             raise PromptTooLongError(prompt.n_tokens, self.context_length)
         return prompt
 
+    def prepare_raw(self, text: str) -> PreparedPrompt:
+        """A prompt given as text (legacy completions): tokenized as is, BOS added as the
+        tokenizer does, no chat template."""
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        if len(ids) >= self.context_length:
+            raise PromptTooLongError(len(ids), self.context_length)
+        return PreparedPrompt(input_ids=mx.array([ids]), n_tokens=len(ids), text=text)
+
     def _tokenize_text(self, text: str) -> PreparedPrompt:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return PreparedPrompt(input_ids=mx.array([ids]), n_tokens=len(ids), text=text)
@@ -348,17 +356,17 @@ class ReplyDecoder:
         stops, detok = self.stops, self.detok
         if token in self.runner.eos_token_ids:
             text, _ = stops.feed(_finish(detok))
-            return ChatStep(text + stops.flush(), token, "stop", logprob, top)
+            return ChatStep(text + stops.flush(), token, "stop", logprob, top, stops.matched)
         if token not in self.runner._silent_ids:
             detok.add_token(token)
         text, stopped = stops.feed(_clean(detok.last_segment))
         if stopped:
-            return ChatStep(text, token, "stop", logprob, top)
+            return ChatStep(text, token, "stop", logprob, top, stops.matched)
         if self.count >= self.limit:
             more, stopped = stops.feed(_finish(detok))
             tail = "" if stopped else stops.flush()
             reason = "stop" if stopped else "length"
-            return ChatStep(text + more + tail, token, reason, logprob, top)
+            return ChatStep(text + more + tail, token, reason, logprob, top, stops.matched)
         return ChatStep(text, token, None, logprob, top)
 
 

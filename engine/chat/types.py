@@ -52,6 +52,7 @@ class ChatStep:
     finish_reason: str | None  # None until the last step: "stop", "length" or "cancelled"
     logprob: float | None = None  # only when ChatParams.logprobs is not None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    stop_sequence: str | None = None  # the stop string that ended the reply, if one did
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,16 @@ class StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = tuple(s for s in stops if s)
         self.pending = ""
+        self.matched: str | None = None
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was found)."""
         self.pending += text
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            first = min(hits)
+            self.matched = next(s for s in self.stops if self.pending.find(s) == first)
+            out, self.pending = self.pending[:first], ""
             return out, True
         hold = self._held_length()
         cut = len(self.pending) - hold
@@ -137,6 +141,7 @@ class Piece:
 @dataclass
 class ChatOutcome:
     finish_reasons: list[str] = field(default_factory=lambda: ["stop"])  # one per choice
+    stop_sequences: dict[int, str] = field(default_factory=dict)  # choice -> stop string hit
     prompt_tokens: int = 0
     completion_tokens: int = 0  # all choices together
     cached_tokens: int = 0  # prompt tokens the prefix cache served

@@ -55,6 +55,7 @@ class FakeStep:
     finish_reason: str | None
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    stop_sequence: str | None = None
 
 
 DEFAULT_WORDS = ("Hello", " world", ",", " this", " is", " fake", ".") * 10
@@ -98,6 +99,10 @@ class FakeChat:
         )
         return FakePrompt(text + self.prompt_suffix, len(text.split()) + 2 * len(images))
 
+    def prepare_raw(self, text: str) -> FakePrompt:
+        self.calls.append({"prompt": text})
+        return FakePrompt(text + self.prompt_suffix, len(text.split()))
+
     def decode_token(self, token: int) -> str:
         return self.script[token - 100] if 0 <= token - 100 < len(self.script) else f"<{token}>"
 
@@ -127,7 +132,8 @@ class FakeChat:
             last = i == len(words) - 1
             if stopped or (last and (cut or not self.eos)):
                 reason = "stop" if stopped or not cut else "length"
-                yield FakeStep(text + ("" if stopped else stops.flush()), 100 + i, reason, **extra)
+                text += "" if stopped else stops.flush()
+                yield FakeStep(text, 100 + i, reason, stop_sequence=stops.matched, **extra)
                 return
             yield FakeStep(text, 100 + i, None, **extra)
         yield FakeStep(stops.flush(), 1, "stop")
