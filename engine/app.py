@@ -20,7 +20,7 @@ from typing import Any
 from sanic import Blueprint, HTTPResponse, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
-from sanic.response import empty
+from sanic.response import empty, raw
 from sanic.response import json as json_response
 
 from engine.config import LOOPBACK_HOSTS, Config
@@ -34,6 +34,7 @@ from engine.errors import (
     ServerError,
     status_error,
 )
+from engine.metrics import CONTENT_TYPE, Metrics, ServiceMetrics
 from engine.modelthread import ModelState, ModelThread, Policy
 from engine.store import ModelInfo, Store
 from engine.store.catalog import DEFAULT_IDS, Service
@@ -53,6 +54,7 @@ class ServiceSpec:
     blueprint: Blueprint
     load: Callable[[ModelInfo, Config], Any]
     policy: Callable[[Config], Policy]
+    metrics: ServiceMetrics | None = None  # the service's own counters on /metrics
 
 
 def served_model_id(ref: str) -> str:
@@ -113,6 +115,9 @@ def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     app.ctx.model_ref = config.model(service)
     app.ctx.model_id = served_model_id(config.model(service))
     app.ctx.aliases = _aliases(service, app.ctx.model_id)
+    app.ctx.metrics = Metrics(
+        service, app.ctx.model_id, lambda: getattr(app.ctx, "worker", None), spec.metrics
+    )
     app.blueprint(common_routes())
     app.blueprint(spec.blueprint)
     _install_middleware(app, config)
@@ -135,7 +140,11 @@ def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
             return spec.load(model, config)
 
         app.ctx.worker = ModelThread(
-            spec.name, load, spec.policy(config), queue_size=config.queue_size
+            spec.name,
+            load,
+            spec.policy(config),
+            queue_size=config.queue_size,
+            observer=app.ctx.metrics,
         )
         app.ctx.worker.start()
 
@@ -173,6 +182,8 @@ def _install_middleware(app: Sanic, config: Config) -> None:
             response.headers["vary"] = "Origin"
         started = getattr(request.ctx, "started", None)
         ms = (time.monotonic() - started) * 1000 if started else 0.0
+        route = request.uri_template if request.route is not None else "unmatched"
+        app.ctx.metrics.observe_request(route, request.method, response.status, ms / 1000)
         access_log.info(
             "%s %s %s %.1fms id=%s", request.method, request.path, response.status, ms, rid
         )
@@ -251,6 +262,10 @@ def common_routes() -> Blueprint:
         if worker.state is ModelState.LOADING:
             return json_response({"status": "loading model"}, status=503)
         return json_response({"status": "error", "message": worker.message}, status=503)
+
+    @bp.get("/metrics")
+    async def metrics(request: Request) -> HTTPResponse:
+        return raw(request.app.ctx.metrics.render(), content_type=CONTENT_TYPE)
 
     @bp.get("/v1/models")
     @bp.get("/models", name="models_bare")  # llama-server serves both

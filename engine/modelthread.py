@@ -48,6 +48,11 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     finished: bool = False  # set on the model thread by `finish`
+    observer: Observer | None = None
+    started_at: float | None = None  # taken by the policy
+    finished_at: float | None = None
+    # Each stream event with the time the model thread sent it (for the observer's timings).
+    timeline: list[tuple[float, Any]] = field(default_factory=list)
 
     @property
     def cancelled(self) -> bool:
@@ -63,11 +68,18 @@ class Job:
     def emit(self, item: Any) -> None:
         """Send a stream event to the waiting handler (model thread side)."""
         if self.events is not None:
+            self.timeline.append((time.monotonic(), item))
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
         self.finished = True
+        self.finished_at = time.monotonic()
         self.loop.call_soon_threadsafe(self._settle, result, error)
+        if self.observer is not None:
+            try:
+                self.observer.finished(self, result, error)
+            except Exception:  # an observer's bug must not fail the model thread
+                log.exception("job observer failed")
 
     def _settle(self, result: Any, error: BaseException | None) -> None:
         if self.events is not None:
@@ -124,6 +136,7 @@ class Outbox:
 
     def emit(self, job: Job, item: Any) -> None:
         if job.events is not None:
+            job.timeline.append((time.monotonic(), item))
             self._items.append((job, item))
 
     def flush(self) -> None:
@@ -159,13 +172,28 @@ class Inbox(Protocol):
 Policy = Callable[[Any, Inbox], None]
 
 
+class Observer(Protocol):
+    """Watches the model thread's work (the metrics); called on the model thread."""
+
+    def loaded(self, seconds: float) -> None: ...
+
+    def finished(self, job: Job, result: Any, error: BaseException | None) -> None: ...
+
+
 class ModelThread:
     """Owns the model thread of one service process."""
 
     def __init__(
-        self, name: str, load: Callable[[], Any], policy: Policy, *, queue_size: int
+        self,
+        name: str,
+        load: Callable[[], Any],
+        policy: Policy,
+        *,
+        queue_size: int,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
+        self.observer = observer
         self._load = load
         self._policy = policy
         self.queue_size = queue_size
@@ -191,6 +219,11 @@ class ModelThread:
     def _pending(self) -> int:
         return len(self._queue) + sum(not job.finished for job in self._running)
 
+    def counts(self) -> tuple[int, int]:
+        """(queued, running): jobs waiting for the policy, and taken but not finished."""
+        with self._cond:
+            return len(self._queue), sum(not job.finished for job in self._running)
+
     def ensure_ready(self) -> None:
         if self.state is ModelState.LOADING:
             raise Unavailable("Loading model", code="model_loading", headers={"Retry-After": "5"})
@@ -201,6 +234,7 @@ class ModelThread:
         self.ensure_ready()
         loop = asyncio.get_running_loop()
         job = Job(payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
+        job.observer = self.observer
         with self._cond:
             if self._stopping:
                 raise Unavailable("Server is shutting down", code="shutting_down")
@@ -245,6 +279,7 @@ class ModelThread:
                     job.finish(error=Cancelled())
                 elif fits is None or fits(taken, job):
                     self._queue.remove(job)
+                    job.started_at = time.monotonic()
                     taken.append(job)
             self._running += taken
         return taken
@@ -288,7 +323,10 @@ class ModelThread:
             gc.freeze()
             self.runner = runner
             self.state, self.message = ModelState.READY, "ok"
-            log.info("%s: model ready in %.1f s", self.name, time.monotonic() - started)
+            seconds = time.monotonic() - started
+            log.info("%s: model ready in %.1f s", self.name, seconds)
+            if self.observer is not None:
+                self.observer.loaded(seconds)
             return True
         log.error("%s: %s", self.name, self.message)
         return False

@@ -16,7 +16,7 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 from engine.app import ServiceSpec, resolve_requested_model
-from engine.chat import decode
+from engine.chat import decode, metrics
 from engine.chat.request import parse_request
 from engine.chat.response import Reply, completion_body, stream_reply
 from engine.config import Config
@@ -69,4 +69,6 @@ def load(model: ModelInfo, config: Config) -> Any:
     return ChatRunner.load(model.path, model.id)
 
 
-SERVICE = ServiceSpec(name="chat", blueprint=bp, load=load, policy=decode.policy)
+SERVICE = ServiceSpec(
+    name="chat", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+)

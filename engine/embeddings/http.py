@@ -11,7 +11,7 @@ from sanic.response import json as json_response
 
 from engine.app import ServiceSpec, resolve_requested_model
 from engine.config import Config
-from engine.embeddings import decode
+from engine.embeddings import decode, metrics
 from engine.embeddings.request import EmbedRequest, EmbedResult, parse_input
 from engine.errors import InvalidRequest
 from engine.store import ModelInfo
@@ -82,4 +82,6 @@ def load(model: ModelInfo, config: Config) -> Any:
     return EmbeddingsRunner.load(model.path, model.id, batch_tokens=config.embeddings_batch_tokens)
 
 
-SERVICE = ServiceSpec(name="embeddings", blueprint=bp, load=load, policy=decode.policy)
+SERVICE = ServiceSpec(
+    name="embeddings", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+)

@@ -23,7 +23,7 @@ from engine.app import ServiceSpec, resolve_requested_model
 from engine.audio import SAMPLE_RATE, AudioError, decode_audio, find_ffmpeg
 from engine.config import Config
 from engine.errors import ClientClosed, InvalidRequest
-from engine.speech import decode
+from engine.speech import decode, metrics
 from engine.speech.request import (
     Fields,
     Options,
@@ -151,4 +151,6 @@ def load(model: ModelInfo, config: Config) -> Any:
     return SpeechRunner.load(model.path, model.id)
 
 
-SERVICE = ServiceSpec(name="stt", blueprint=bp, load=load, policy=decode.policy)
+SERVICE = ServiceSpec(
+    name="stt", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+)

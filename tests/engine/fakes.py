@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine import services
-from engine.app import ServiceSpec
 from engine.chat.types import RowFailed, RowStep
 from engine.config import Config
 from engine.store import ModelInfo
@@ -223,7 +222,7 @@ def fake_spec(service: str, runner: Any = None, *, load_gate: threading.Event | 
             load_gate.wait(30)
         return made
 
-    return ServiceSpec(real.name, real.blueprint, load, real.policy), made
+    return replace(real, load=load), made
 
 
 def fake_model_dir(root: Path, kind: str) -> Path:
