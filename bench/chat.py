@@ -30,41 +30,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.bench.workloads import filler  # noqa: E402
 from tests.serving import free_port, start_server  # noqa: E402
 
-WORDS = [
-    "river",
-    "mountain",
-    "window",
-    "garden",
-    "letter",
-    "music",
-    "winter",
-    "silver",
-    "candle",
-    "forest",
-    "harbor",
-    "lantern",
-    "meadow",
-    "orchard",
-    "pepper",
-    "quartz",
-    "ribbon",
-    "saddle",
-    "thunder",
-    "velvet",
-    "whistle",
-    "yellow",
-    "anchor",
-    "bridge",
-]
-
-
 LONG_LIMIT = {"tiny": 3800}  # the tiny model's context is 4,096 tokens
-
-
-def filler(n_words: int, seed: int = 0) -> str:
-    return " ".join(WORDS[(i * 7 + seed) % len(WORDS)] for i in range(n_words))
 
 
 @dataclass

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import __version__
+from engine import __version__, bench
 from engine.config import Config, ConfigError, add_serve_flags, load_config
 from engine.store.catalog import CATALOG, DEFAULT_QUANTIZATION, GPU_DTYPE, SERVICES
 
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(models, serve=False)
     doctor = _add_command(commands, "doctor", "check the platform, ports and models")
     _add_config_flags(doctor, serve=True)
+    bench_command = _add_command(commands, "bench", "measure a running server's speed")
+    _add_config_flags(bench_command, serve=True)
+    bench.add_arguments(bench_command)
     _add_model_commands(commands)
     _add_agent_command(commands)
     return parser
@@ -165,6 +168,7 @@ def _add_agent_command(commands: argparse._SubParsersAction) -> None:
 COMMAND_ARGS = frozenset(
     {"command", "config", "model", "kind", "revision", "as_id", "source", "quantize"}
     | {"group_size", "dtype", "force"}
+    | bench.ARGUMENTS
 )
 
 
@@ -431,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: error: {exc}", file=sys.stderr)
         return 2
     logging.captureWarnings(True)
+    if args.command == "bench":
+        return bench.run(config, args)
     if args.command in COMMANDS:
         return COMMANDS[args.command](config)
     from conversions.common import ConversionError
