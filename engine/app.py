@@ -34,6 +34,9 @@ from engine.errors import (
     ServerError,
     status_error,
 )
+from engine.lifecycle import health_body
+from engine.lifecycle import install as install_lifecycle
+from engine.memory import apply_limits, check_fits
 from engine.metrics import CONTENT_TYPE, Metrics, ServiceMetrics
 from engine.modelthread import ModelState, ModelThread, Policy
 from engine.store import ModelInfo, Store
@@ -120,6 +123,7 @@ def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     )
     app.blueprint(common_routes())
     app.blueprint(spec.blueprint)
+    install_lifecycle(app)
     _install_middleware(app, config)
     _install_listeners(app, spec, config)
     return app
@@ -137,6 +141,9 @@ def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
 
         def load() -> Any:
             model = store.resolve(app.ctx.model_ref, spec.name)
+            limits = apply_limits(config.mlx_memory_limit, config.mlx_cache_limit)
+            app.ctx.memory_limits = limits
+            check_fits(model.id, model.size_bytes, limits)
             return spec.load(model, config)
 
         app.ctx.worker = ModelThread(
@@ -145,6 +152,7 @@ def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
             spec.policy(config),
             queue_size=config.queue_size,
             observer=app.ctx.metrics,
+            keep_alive=config.keep_alive_s(spec.name),
         )
         app.ctx.worker.start()
 
@@ -259,6 +267,8 @@ def common_routes() -> Blueprint:
         worker: ModelThread = request.app.ctx.worker
         if worker.state is ModelState.READY:
             return json_response({"status": "ok"})
+        if body := health_body(worker):  # idle-unloaded: the next request reloads it
+            return json_response(body)
         if worker.state is ModelState.LOADING:
             return json_response({"status": "loading model"}, status=503)
         return json_response({"status": "error", "message": worker.message}, status=503)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(models, serve=False)
     doctor = _add_command(commands, "doctor", "check the platform, ports and models")
     _add_config_flags(doctor, serve=True)
+    ps = _add_command(commands, "ps", "show each service's model, state, memory and idle time")
+    _add_config_flags(ps, serve=True)
+    ps.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_command = _add_command(commands, "bench", "measure a running server's speed")
     _add_config_flags(bench_command, serve=True)
     bench.add_arguments(bench_command)
@@ -169,6 +172,7 @@ COMMAND_ARGS = frozenset(
     {"command", "config", "model", "kind", "revision", "as_id", "source", "quantize"}
     | {"group_size", "dtype", "force"}
     | bench.ARGUMENTS
+    | {"json"}
 )
 
 
@@ -435,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlxd: error: {exc}", file=sys.stderr)
         return 2
     logging.captureWarnings(True)
+    if args.command == "ps":
+        from engine.ps import cmd_ps
+
+        return cmd_ps(config, args.json)
     if args.command == "bench":
         return bench.run(config, args)
     if args.command in COMMANDS:

@@ -35,13 +35,15 @@ def setting(
     flag: str | None = None,
     path: bool = False,
     aliases: tuple[str, ...] = (),
+    metavar: str | None = None,
 ) -> Any:
     """A configuration field: its default and help text, from which the `mlxd serve` flag, the
     `MLXD_*` variable, the TOML key, the agent's plist arguments and the README table are made.
     `flag` overrides the flag name (a boolean's flag sets the opposite of its default); `path`
     marks a value that may be a filesystem path (made absolute for the launchd agent);
-    `aliases` are former names, still accepted as flag, variable and key."""
-    metadata = {"help": help, "flag": flag, "path": path, "aliases": aliases}
+    `aliases` are former names, still accepted as flag, variable and key; `metavar` names the
+    value in the README (else the name's last word)."""
+    metadata = {"help": help, "flag": flag, "path": path, "aliases": aliases, "metavar": metavar}
     if callable(default):
         return field(default_factory=default, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -101,6 +103,27 @@ class Config:
     chat_kv_tokens: int = setting(
         0, "KV token positions for all replies together; 0: from a quarter of free memory"
     )
+    keep_alive: str = setting(
+        "forever",
+        "unload a model after it idles this long (5m, 30s, 1h; 0: after each request; -1 or "
+        "forever: never); the next request reloads it",
+        metavar="DURATION",
+    )
+    chat_keep_alive: str | None = setting(None, "--keep-alive for chat alone", metavar="DURATION")
+    embeddings_keep_alive: str | None = setting(
+        None, "--keep-alive for embeddings alone", metavar="DURATION"
+    )
+    stt_keep_alive: str | None = setting(
+        None, "--keep-alive for speech-to-text alone", metavar="DURATION"
+    )
+    mlx_memory_limit: str = setting(
+        "auto",
+        "MLX memory limit per service, e.g. 16GB (auto: the machine's recommended working set, "
+        "3/4 of RAM without Metal); a model whose files exceed it is refused",
+    )
+    mlx_cache_limit: str = setting(
+        "auto", "freed MLX buffers a service keeps for reuse (auto: a quarter of the memory limit)"
+    )
     blas: str = setting(
         "auto",
         "BLAS for MLX's CPU backend on Linux: auto (the system's OpenBLAS when present), "
@@ -118,6 +141,12 @@ class Config:
 
     def max_body_bytes(self, service: Service) -> int:
         return getattr(self, f"{service}_max_body_mb") * MiB
+
+    def keep_alive_s(self, service: Service) -> float | None:
+        """Seconds a model stays loaded after its last request; None: forever."""
+        from engine.keepalive import parse_keep_alive
+
+        return parse_keep_alive(getattr(self, f"{service}_keep_alive") or self.keep_alive)
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -216,6 +245,7 @@ def validate(config: Config) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be 0 or more")
     _validate_stt(config)
+    _validate_memory(config)
     if config.blas not in ("auto", "bundled") and not Path(config.blas).expanduser().is_file():
         raise ConfigError(f"blas: {config.blas} is not a file (auto, bundled or a library path)")
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
@@ -234,6 +264,23 @@ def _validate_stt(config: Config) -> None:
         raise ConfigError(f"stt_language: {exc}") from None
     if not config.stt_time_limit_factor >= 0:
         raise ConfigError("stt_time_limit_factor must be 0 (no limit) or more")
+
+
+def _validate_memory(config: Config) -> None:
+    from engine.keepalive import parse_keep_alive
+    from engine.memory import parse_size
+
+    for name in ("keep_alive", *(f"{service}_keep_alive" for service in SERVICES)):
+        if (value := getattr(config, name)) is not None:
+            try:
+                parse_keep_alive(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+    for name in ("mlx_memory_limit", "mlx_cache_limit"):
+        try:
+            parse_size(getattr(config, name))
+        except ValueError as exc:
+            raise ConfigError(f"{name}: {exc}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -351,7 +398,8 @@ def flags_markdown() -> str:
     """The README's table of serve flags."""
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for flag in serve_flags():
-        value = "" if flag.switch else " " + flag.dest.split("_")[-1].upper()
+        metavar = _fields()[flag.dest].metadata["metavar"] or flag.dest.split("_")[-1].upper()
+        value = "" if flag.switch else f" {metavar}"
         also = f" (also `{'`, `'.join(flag.aliases)}`)" if flag.aliases else ""
         rows.append(
             f"| `{flag.name}{value}` | `{flag.env}` | {flag.default_text()} | {flag.help}{also} |"

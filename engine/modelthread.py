@@ -21,6 +21,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from engine.errors import ApiError, ServerError, Unavailable
+from engine.keepalive import SERVICE_KEEP_ALIVE
+from engine.memory import MlxMemory, mlx_memory, release_mlx_memory, rss_bytes
 from engine.store import ModelMissing
 
 log = logging.getLogger("mlxd.modelthread")
@@ -31,6 +33,8 @@ _END = object()
 class ModelState(Enum):
     LOADING = "loading model"
     READY = "ok"
+    UNLOADED = "unloaded"  # idled past its keep-alive; the next request reloads it
+    RELOADING = "reloading model"
     MISSING = "model missing"
     FAILED = "model failed to load"
 
@@ -48,6 +52,7 @@ class Job:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.monotonic)
     finished: bool = False  # set on the model thread by `finish`
+    load_ms: float | None = None  # the reload this job waited for, if any
     observer: Observer | None = None
     started_at: float | None = None  # taken by the policy
     finished_at: float | None = None
@@ -191,8 +196,17 @@ class ModelThread:
         *,
         queue_size: int,
         observer: Observer | None = None,
+        keep_alive: float | None = None,
     ) -> None:
         self.name = name
+        self.keep_alive = keep_alive  # seconds an idle model stays loaded; None: forever
+        self.idle_after = keep_alive  # the last request's keep_alive, else the service's
+        self.idle_since: float | None = None  # monotonic; None while requests are queued
+        self.accepted = 0
+        self.loads = 0
+        self.load_ms: float | None = None
+        self.memory = MlxMemory()  # MLX's counters as the model thread last read them
+        self._idle = False
         self.observer = observer
         self._load = load
         self._policy = policy
@@ -224,13 +238,29 @@ class ModelThread:
         with self._cond:
             return len(self._queue), sum(not job.finished for job in self._running)
 
+    @property
+    def served(self) -> int:
+        """Requests accepted and since finished, whatever their outcome."""
+        return self.accepted - self.pending
+
+    def unload_in(self) -> float | None:
+        """Seconds until the idle model unloads; None when it is not idle or stays loaded."""
+        idle_since, idle_after = self.idle_since, self.idle_after
+        if self.state is not ModelState.READY or idle_since is None or idle_after is None:
+            return None
+        return max(0.0, idle_since + idle_after - time.monotonic())
+
     def ensure_ready(self) -> None:
         if self.state is ModelState.LOADING:
             raise Unavailable("Loading model", code="model_loading", headers={"Retry-After": "5"})
-        if self.state is not ModelState.READY:
+        if self.state not in (ModelState.READY, ModelState.UNLOADED, ModelState.RELOADING):
             raise Unavailable(self.message, code="model_unavailable")
 
-    def submit(self, payload: Any, *, stream: bool = False) -> Job:
+    def submit(
+        self, payload: Any, *, stream: bool = False, keep_alive: Any = SERVICE_KEEP_ALIVE
+    ) -> Job:
+        """Queue a job (an unloaded model reloads for it). `keep_alive`: seconds the model
+        stays loaded once idle after this job (None: forever), else the service's setting."""
         self.ensure_ready()
         loop = asyncio.get_running_loop()
         job = Job(payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
@@ -245,6 +275,9 @@ class ModelThread:
                     headers={"Retry-After": "1"},
                 )
             self._queue.append(job)
+            self.accepted += 1
+            self.idle_since = None
+            self.idle_after = self.keep_alive if keep_alive is SERVICE_KEEP_ALIVE else keep_alive
             self._cond.notify()
         return job
 
@@ -260,9 +293,17 @@ class ModelThread:
     # ---- model-thread side (the Inbox) -----------------------------------------------------
 
     def wait(self, block: bool = True) -> bool:
+        """Also False (with `_idle` set) once a loaded model has waited past its keep-alive."""
+        self.memory = mlx_memory()
         with self._cond:
             while block and not self._queue and not self._stopping:
-                self._cond.wait()
+                if self.idle_since is None:
+                    self.idle_since = time.monotonic()
+                left = self.unload_in()
+                if left == 0.0:
+                    self._idle = True
+                    return False
+                self._cond.wait(left)
             return not self._stopping
 
     def take(self, fits: Fits | None = None, *, limit: int | None = None) -> list[Job]:
@@ -287,18 +328,47 @@ class ModelThread:
     # ---- model-thread main -------------------------------------------------------------------
 
     def _main(self) -> None:
-        if not self._load_model():
-            return
-        while self.wait(block=False):
+        loaded = self._load_model()
+        while loaded and self._serve():
+            self._unload()
+            loaded = self.wait() and self._load_model()  # unloaded: waits for a request
+        if self._stopping or loaded:
+            error = Unavailable("Server is shutting down", code="shutting_down")
+        else:  # a reload failed: the requests that waited for it are told why
+            error = Unavailable(self.message, code="model_unavailable")
+        self._fail_running(error)
+        with self._cond:
+            for job in self._queue:
+                job.finish(error=error)
+            self._queue.clear()
+
+    def _serve(self) -> bool:
+        """Run the policy until the service stops (False) or the model has idled past its
+        keep-alive (True)."""
+        self._idle = False
+        while not self._idle and self.wait(block=False):
             try:
                 self._policy(self.runner, self)
             except BaseException as exc:  # noqa: BLE001 - reported to the running requests
                 self._fail_running(as_client_error(exc, self.name))
-        self._fail_running(Unavailable("Server is shutting down", code="shutting_down"))
-        with self._cond:
-            for job in self._queue:
-                job.finish(error=Unavailable("Server is shutting down", code="shutting_down"))
-            self._queue.clear()
+        return self._idle and not self._stopping
+
+    def _unload(self) -> None:
+        """Drop the model and give its memory back: the runner (and the policy's state, gone
+        with its frames), then MLX's cached buffers."""
+        before = rss_bytes()
+        self.runner = None
+        gc.unfreeze()  # the model's objects were frozen at load: let the collector free them
+        gc.collect()
+        release_mlx_memory()
+        self.memory = mlx_memory()
+        self.state, self.message = ModelState.UNLOADED, "unloaded"
+        log.info(
+            "%s: model unloaded after idling; RSS %.0f -> %.0f MB",
+            self.name,
+            before / 1e6,
+            rss_bytes() / 1e6,
+        )
 
     def _fail_running(self, error: BaseException) -> None:
         with self._cond:
@@ -309,6 +379,9 @@ class ModelThread:
 
     def _load_model(self) -> bool:
         started = time.monotonic()
+        reloading = self.state is ModelState.UNLOADED
+        if reloading:
+            self.state, self.message = ModelState.RELOADING, "Reloading model"
         try:
             runner = self._load()
         except ModelMissing as exc:
@@ -322,7 +395,14 @@ class ModelThread:
             gc.collect()
             gc.freeze()
             self.runner = runner
-            self.state, self.message = ModelState.READY, "ok"
+            self.loads += 1
+            self.load_ms = (time.monotonic() - started) * 1000
+            self.memory = mlx_memory()
+            with self._cond:
+                if reloading:
+                    for job in self._queue:
+                        job.load_ms = self.load_ms
+                self.state, self.message = ModelState.READY, "ok"
             seconds = time.monotonic() - started
             log.info("%s: model ready in %.1f s", self.name, seconds)
             if self.observer is not None:

@@ -10,6 +10,7 @@ from typing import Any
 from sanic import Request
 
 from engine.errors import InvalidRequest
+from engine.keepalive import SERVICE_KEEP_ALIVE, parse_keep_alive
 
 JSON_TYPES = ("application/json",)
 _MISSING = object()
@@ -62,6 +63,7 @@ def parse_json_body(request: Request) -> dict[str, Any]:
             "The body has a lone UTF-16 surrogate (\\ud800-\\udfff escape): send valid Unicode",
             code="invalid_json",
         )
+    request.ctx.json_body = body  # for fields read beside the handler's: keep_alive
     return body
 
 
@@ -165,3 +167,21 @@ def optional_object(body: dict[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise wrong_type(name, "an object", value)
     return value
+
+
+def request_keep_alive(request: Request) -> object:
+    """The request's `keep_alive` (JSON body or form field, as Ollama's): seconds the model
+    stays loaded after it, None for forever, or SERVICE_KEEP_ALIVE when the request names none."""
+    body = getattr(request.ctx, "json_body", None)
+    if body is not None:
+        value = body.get("keep_alive")
+    else:
+        value = request.form.get("keep_alive") if request.form else None
+    if value is None:
+        return SERVICE_KEEP_ALIVE
+    try:
+        return parse_keep_alive(value)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"'keep_alive': {exc}", param="keep_alive", code="invalid_value"
+        ) from None

@@ -21,6 +21,7 @@ from engine.chat.request import parse_request
 from engine.chat.response import Reply, completion_body, stream_reply
 from engine.config import Config
 from engine.errors import InvalidRequest
+from engine.lifecycle import submit
 from engine.modelthread import Job
 from engine.store import ModelInfo
 from engine.validation import optional_bool, optional_object, parse_json_body
@@ -36,7 +37,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     stream = optional_bool(body, "stream")
     include_usage = optional_bool(optional_object(body, "stream_options"), "include_usage")
     chat = await parse_request(request, body)
-    job = request.app.ctx.worker.submit(chat, stream=True)
+    job = submit(request, chat, stream=True)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     events = job.batches()
     started, *early = await _first_batch(job, events)  # errors before generation: plain JSON

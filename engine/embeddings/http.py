@@ -14,6 +14,7 @@ from engine.config import Config
 from engine.embeddings import decode, metrics
 from engine.embeddings.request import EmbedRequest, EmbedResult, parse_input
 from engine.errors import InvalidRequest
+from engine.lifecycle import submit
 from engine.store import ModelInfo
 from engine.validation import (
     optional_bool,
@@ -36,7 +37,7 @@ async def create_embeddings(request: Request) -> HTTPResponse:
     encoding = optional_string(body, "encoding_format", ("float", "base64")) or "float"
     dimensions = optional_number(body, "dimensions", minimum=1, integer=True)
     truncate = optional_bool(body, "truncate", default=config.embeddings_truncate)
-    job = request.app.ctx.worker.submit(EmbedRequest(texts, token_lists, truncate))
+    job = submit(request, EmbedRequest(texts, token_lists, truncate))
     result: EmbedResult = await job.result()
     vectors = _resize(result.vectors, dimensions)
     data = [

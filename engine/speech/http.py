@@ -23,6 +23,7 @@ from engine.app import ServiceSpec, resolve_requested_model
 from engine.audio import SAMPLE_RATE, AudioError, decode_audio, find_ffmpeg
 from engine.config import Config
 from engine.errors import ClientClosed, InvalidRequest
+from engine.lifecycle import submit
 from engine.speech import decode, metrics
 from engine.speech.request import (
     Fields,
@@ -64,7 +65,7 @@ async def read_audio(request: Request) -> np.ndarray:
 async def run_job(request: Request, payload: SttJob) -> dict:
     """Queue the job and wait. A client that goes away cancels it: the work stops at the next
     window and the request ends as a 499 (logged; nobody reads it)."""
-    job = request.app.ctx.worker.submit(payload)
+    job = submit(request, payload)
     try:
         while not (await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_S))[0]:
             if peer_gone(request):
