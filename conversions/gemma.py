@@ -38,6 +38,8 @@ PRECISE_MODULES = ("vision_tower", "audio_tower", "embed_vision", "embed_audio")
 # Files a Hugging Face directory carries besides the weights and config.json.
 SIDE_FILES = ("*.json", "*.jinja", "*.model", "*.txt")
 SKIPPED_SIDE_FILES = ("config.json", "model.safetensors.index.json")
+# The audio front end's settings in processor_config.json, kept as the source has them.
+AUDIO_PROCESSOR_KEYS = ("feature_extractor", "audio_seq_length", "audio_ms_per_token")
 
 # Gemma 3's turn format; the system prompt goes at the top of the first user turn.
 GEMMA3_CHAT_TEMPLATE = """{{- bos_token -}}
@@ -187,8 +189,33 @@ def _convert_hf_vlm(
         save_weights(dest, model, donate_weights=True)
     _copy_side_files(source, dest)
     processor.save_pretrained(str(dest))
+    _keep_audio_processor(source, dest)
     save_config(config, config_path=dest / "config.json")
     return {"source_format": "hf", "model_type": config.get("model_type")}
+
+
+def _keep_audio_processor(source: Path, dest: Path) -> None:
+    """Put the source's audio feature-extractor settings back into processor_config.json.
+
+    mlx-vlm's processor writes its own stub there (num_mel_filters, fft_length, ...: names the
+    extractor ignores), so without this a model whose front end is not the default one would be
+    fed other features than it was trained on, and conversions that drop the block entirely
+    leave a processor that ignores audio."""
+    kept = _source_audio_processor(source)
+    path = dest / "processor_config.json"
+    if not kept or not path.is_file():
+        return
+    write_json(path, {**(read_source_json(path) or {}), **kept})
+
+
+def _source_audio_processor(source: Path) -> dict[str, Any]:
+    config = read_source_json(source / "processor_config.json") or {}
+    kept = {key: config[key] for key in AUDIO_PROCESSOR_KEYS if key in config}
+    if "feature_extractor" not in kept:  # a standalone feature-extractor config
+        standalone = read_source_json(source / "preprocessor_config.json") or {}
+        if "feature_extractor_type" in standalone:
+            kept["feature_extractor"] = standalone
+    return kept
 
 
 def _cast(model: Any, dtype: str) -> None:

@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from conversions import gemma  # noqa: E402
 from conversions.common import ConversionError  # noqa: E402
+from engine.chat.audio_input import AudioClip  # noqa: E402
 from engine.chat.runner import (  # noqa: E402
     ChatParams,
     ChatRunner,
@@ -30,7 +31,7 @@ from engine.chat.runner import (  # noqa: E402
     smoke_test,  # noqa: E402
 )
 from tests.real_weights import gemma3_270m_gguf  # noqa: E402
-from tests.tiny.gemma4 import build_gemma4_hf  # noqa: E402
+from tests.tiny.gemma4 import FEATURE_EXTRACTOR, build_gemma4_hf  # noqa: E402
 
 GREEDY = ChatParams(
     max_tokens=16, temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=()
@@ -132,7 +133,7 @@ class Gemma3Reference:
 
 @pytest.fixture(scope="module")
 def gemma4_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_gemma4_hf(tmp_path_factory.mktemp("gemma4") / "hf")
+    return build_gemma4_hf(tmp_path_factory.mktemp("gemma4") / "hf", audio=True)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +155,9 @@ def test_gemma4_q4_quantizes_the_language_model_only(gemma4_out: dict[str, tuple
     assert fields["source_format"] == "hf" and fields["model_type"] == "gemma4"
     assert fields["quantization"] == {"bits": 4, "group_size": 32}
     precision = gemma.weight_precision(path)
-    tower = {k: v for k, v in precision.items() if "vision" in k}
-    assert tower and set(tower.values()) == {"float32"}
+    for name in ("vision", "audio"):
+        tower = {k: v for k, v in precision.items() if name in k}
+        assert tower and set(tower.values()) == {"float32"}, name
     lm = [k for k in precision if k.startswith("language_model.") and "proj.weight" in k]
     assert lm and {precision[k] for k in lm} == {"q4"}
     assert precision["language_model.model.embed_tokens.weight"] == "q4"
@@ -186,6 +188,33 @@ def test_gemma4_keeps_side_files_and_serves(gemma4_out: dict[str, tuple], name: 
         [{"role": "user", "content": content}], [Image.new("RGB", (64, 48), "red")]
     )
     assert greedy_tokens(runner, prompt.input_ids.tolist()[0], 4)
+
+
+@pytest.mark.parametrize("name", ["q4", "f32"])
+def test_gemma4_keeps_the_audio_feature_extractor(gemma4_out: dict[str, tuple], name: str) -> None:
+    """mlx-vlm's processor writes a stub under names the extractor ignores; the source's
+    settings (here a non-default mel floor) must survive, and the model must hear a clip."""
+    path, _ = gemma4_out[name]
+    written = json.loads((path / "processor_config.json").read_text())
+    assert written["feature_extractor"] == FEATURE_EXTRACTOR
+    assert (written["audio_seq_length"], written["audio_ms_per_token"]) == (750, 40)
+    runner = ChatRunner.load(path, "tiny")
+    assert float(runner.processor.feature_extractor.mel_floor) == FEATURE_EXTRACTOR["mel_floor"]
+    tone = (0.3 * np.sin(np.arange(16_000) * 2 * np.pi * 440 / 16_000)).astype(np.float32)
+    content = [{"type": "audio"}, {"type": "text", "text": "Hi"}]
+    prompt = runner.prepare(
+        [{"role": "user", "content": content}], [], audio=[AudioClip(tone, "clip", "tone")]
+    )
+    assert prompt.audio is not None and prompt.audio.tokens == (25,)
+    steps = list(runner.generate(prompt, replace(GREEDY, max_tokens=2), lambda: False))
+    assert steps and steps[-1].finish_reason is not None
+
+
+def test_a_standalone_feature_extractor_config_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(FEATURE_EXTRACTOR))
+    (tmp_path / "processor_config.json").write_text(json.dumps({"audio_seq_length": 375}))
+    kept = gemma._source_audio_processor(tmp_path)
+    assert kept == {"feature_extractor": FEATURE_EXTRACTOR, "audio_seq_length": 375}
 
 
 def test_q4_is_smaller_than_f32(gemma4_out: dict[str, tuple]) -> None:

@@ -1,10 +1,12 @@
 # ruff: noqa: E501  (the embedded Jinja chat template keeps its long lines)
-"""Tiny random Gemma 4 (vision) checkpoints built on the fly, no download.
+"""Tiny random Gemma 4 (vision, optionally audio) checkpoints built on the fly, no download.
 
 ``build_gemma4_hf`` writes a Hugging Face layout directory (config.json,
 model.safetensors with the HF tensor names, tokenizer files, chat template,
 processor and generation configs) of a Gemma 4 vision-language model with the
-real architecture but tiny sizes and deterministic random weights.
+real architecture but tiny sizes and deterministic random weights; with
+``audio=True`` it also has an audio tower (a one-block Conformer) and the audio
+feature-extractor config in processor_config.json.
 ``build_gemma4_mlx`` converts that directory with mlx-vlm's own converter.
 """
 
@@ -278,13 +280,56 @@ def _vision_config() -> dict:
     }
 
 
-def _model_config(ids: dict[str, int], vocab_size: int) -> dict:
+def _audio_config() -> dict:
+    return {
+        "model_type": "gemma4_audio",
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "hidden_act": "silu",
+        "subsampling_conv_channels": [8, 4],
+        "conv_kernel_size": 5,
+        "residual_weight": 0.5,
+        "attention_chunk_size": 12,
+        "attention_context_left": 13,
+        "attention_context_right": 0,
+        "attention_logit_cap": 50.0,
+        "use_clipped_linears": True,
+        "rms_norm_eps": 1e-6,
+        "output_proj_dims": 32,
+    }
+
+
+# Gemma 4's audio front end (USM log-mel) as its processor_config.json spells it; the mel
+# floor is not the extractor's default, so a conversion that drops this block shows.
+FEATURE_EXTRACTOR = {
+    "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+    "feature_size": 128,
+    "sampling_rate": 16000,
+    "padding_value": 0.0,
+    "return_attention_mask": True,
+    "frame_length_ms": 20.0,
+    "hop_length_ms": 10.0,
+    "min_frequency": 0.0,
+    "max_frequency": 8000.0,
+    "preemphasis": 0.0,
+    "preemphasis_htk_flavor": True,
+    "fft_overdrive": False,
+    "dither": 0.0,
+    "input_scale_factor": 1.0,
+    "mel_floor": 1e-5,
+    "per_bin_mean": None,
+    "per_bin_stddev": None,
+}
+
+
+def _model_config(ids: dict[str, int], vocab_size: int, audio: bool = False) -> dict:
     return {
         "architectures": ["Gemma4ForConditionalGeneration"],
         "model_type": "gemma4",
         "text_config": _text_config(vocab_size),
         "vision_config": _vision_config(),
-        "audio_config": None,
+        "audio_config": _audio_config() if audio else None,
         "image_token_id": ids["<|image|>"],
         "boi_token_id": ids["<|image>"],
         "eoi_token_id": ids["<image|>"],
@@ -353,8 +398,14 @@ def _tokenizer_config() -> dict:
     }
 
 
-def _processor_config() -> dict:
+def _processor_config(audio: bool = False) -> dict:
+    extractor = {
+        "audio_seq_length": 750,
+        "audio_ms_per_token": 40,
+        "feature_extractor": dict(FEATURE_EXTRACTOR),
+    }
     return {
+        **(extractor if audio else {}),
         "processor_class": "Gemma4Processor",
         "image_seq_length": 16,
         "image_processor": {
@@ -403,12 +454,14 @@ def _random_weights(config: dict) -> dict:
     model_config = gemma4.ModelConfig.from_dict(config)
     model_config.text_config = gemma4.TextConfig.from_dict(config["text_config"])
     model_config.vision_config = gemma4.VisionConfig.from_dict(config["vision_config"])
+    if config.get("audio_config"):
+        model_config.audio_config = gemma4.AudioConfig.from_dict(config["audio_config"])
     model = gemma4.Model(model_config)
     rng = np.random.default_rng(SEED)
     weights = {}
     for name, value in sorted(tree_flatten(model.parameters())):
-        if name.endswith("norm.weight") or "layer_scalar" in name:
-            weights[name] = value.astype(mx.bfloat16)  # keep norms/scalars as built
+        if _kept_as_built(name):
+            weights[name] = value.astype(mx.bfloat16)
             continue
         std = 0.03 if "embed_tokens" in name else 0.1
         weights[name] = mx.array(rng.normal(0.0, std, value.shape).astype(np.float32)).astype(
@@ -417,21 +470,30 @@ def _random_weights(config: dict) -> dict:
     return {_hf_name(k): v for k, v in weights.items()}
 
 
-def build_gemma4_hf(dest: Path) -> Path:
-    """Write a tiny random Gemma 4 vision-language model in Hugging Face layout."""
+def _kept_as_built(name: str) -> bool:
+    """Norm scales, layer scalars and the audio tower's clip bounds (+-inf) stay as built."""
+    leaf = name.rsplit(".", 2)[-2:]
+    if leaf[-1] in ("input_min", "input_max", "output_min", "output_max"):
+        return True
+    return name.endswith("norm.weight") or "layer_scalar" in name or "norm" in leaf[0]
+
+
+def build_gemma4_hf(dest: Path, *, audio: bool = False) -> Path:
+    """Write a tiny random Gemma 4 vision-language model (with an audio tower if ``audio``)
+    in Hugging Face layout."""
     import mlx.core as mx
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer()
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    config = _model_config(ids, tok.get_vocab_size())
+    config = _model_config(ids, tok.get_vocab_size(), audio)
 
     tok.save(str(dest / "tokenizer.json"))
     _write_json(dest / "config.json", config)
     _write_json(dest / "tokenizer_config.json", _tokenizer_config())
     _write_json(dest / "special_tokens_map.json", _special_tokens_map())
-    _write_json(dest / "processor_config.json", _processor_config())
+    _write_json(dest / "processor_config.json", _processor_config(audio))
     _write_json(dest / "generation_config.json", _generation_config(ids))
     (dest / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     mx.save_safetensors(
@@ -454,7 +516,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_gemma4_mlx(dest: Path, *, quantize: bool = False) -> Path:
+def build_gemma4_mlx(dest: Path, *, quantize: bool = False, audio: bool = False) -> Path:
     """Build the HF checkpoint and convert it with mlx-vlm's own converter.
 
     Weights are float32 unless ``quantize`` (4-bit, group size 32); quantized
@@ -467,7 +529,7 @@ def build_gemma4_mlx(dest: Path, *, quantize: bool = False) -> Path:
         shutil.rmtree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gemma4-hf-", dir=dest.parent) as tmp:
-        hf_dir = build_gemma4_hf(Path(tmp) / "hf")
+        hf_dir = build_gemma4_hf(Path(tmp) / "hf", audio=audio)
         convert(
             str(hf_dir),
             mlx_path=str(dest),
