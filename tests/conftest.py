@@ -55,6 +55,13 @@ def tiny_gemma4(tiny_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma4_audio(tiny_dir: Path) -> Path:
+    from tests.tiny.gemma4 import build_gemma4_mlx
+
+    return build_gemma4_mlx(tiny_dir / "tiny-gemma4-audio", audio=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_bge(tiny_dir: Path) -> Path:
     from tests.tiny.bert import build_bge_mlx
 

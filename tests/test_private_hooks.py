@@ -107,6 +107,25 @@ def test_mlx_vlm_gemma4_embeddings_and_language_model_call() -> None:
     check("mlx-vlm", "gemma4 get_input_embeddings / LanguageModel.__call__ parameters", shaped)
 
 
+def test_mlx_vlm_gemma4_audio_path() -> None:
+    """engine.chat.audio_tower runs the processor's feature extractor, the model's audio tower
+    (mask True on padding) and embedder, and scatters with gemma4's `masked_scatter`."""
+    from mlx_vlm.models.gemma4 import audio, gemma4, processing_gemma4
+
+    def shaped() -> bool:
+        tower = list(inspect.signature(audio.AudioEncoder.__call__).parameters)
+        processor = source_of(processing_gemma4.__name__, "Gemma4Processor")
+        held = ("self.audio_ms_per_token", "self.audio_seq_length", "self.feature_extractor")
+        return (
+            tower == ["self", "audio_mel", "audio_mel_mask"]
+            and callable(gemma4.masked_scatter)
+            and "self.embed_audio" in source_of(gemma4.__name__, "Model")
+            and all(name in processor for name in held)
+        )
+
+    check("mlx-vlm", "gemma4 audio tower / masked_scatter / processor audio attributes", shaped)
+
+
 def test_mlx_lm_sampling_steps() -> None:
     """engine.chat.batch samples each row with mlx-lm's own top-p, min-p and top-k steps."""
     from mlx_lm import sample_utils

@@ -35,6 +35,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 
+from engine.chat.audio_tower import AudioFeatures, embed_audio
 from engine.chat.types import RowFailed
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
@@ -167,21 +168,20 @@ def _cache_nbytes(caches: Iterable[Any]) -> int:
     return sum(a.nbytes for a in _cache_arrays(caches))
 
 
-def _n_image_runs(tokens: Sequence[int], image_token_id: int | None) -> int:
-    if image_token_id is None:
-        return 0
-    runs, inside = 0, False
+def _n_media_runs(tokens: Sequence[int], media_ids: frozenset[int]) -> int:
+    """Runs of image or audio soft tokens: one per image or clip."""
+    runs, previous = 0, None
     for t in tokens:
-        if t == image_token_id and not inside:
+        if t in media_ids and t != previous:
             runs += 1
-        inside = t == image_token_id
+        previous = t
     return runs
 
 
 @dataclass
 class _Snapshot:
     tokens: tuple[int, ...]
-    images: tuple[str, ...]  # hashes of the images whose tokens lie inside ``tokens``
+    images: tuple[str, ...]  # hashes of the images and clips whose tokens lie inside ``tokens``
     caches: list[Any]  # never written: every user gets clones
     nbytes: int
 
@@ -190,7 +190,8 @@ class PrefixCache:
     """LRU of KV snapshots at exact token counts, bounded in bytes.
 
     A snapshot is reused only when its tokens are a strict prefix of the new prompt and its
-    images are the prompt's first images (by content hash), so nothing is ever trimmed (a
+    images and audio clips are the prompt's first ones (by content hash), so nothing is ever
+    trimmed (a
     sliding-window ``RotatingKVCache`` cannot be).
     """
 
@@ -281,6 +282,7 @@ class _Pending:
     embeds_from: int = 0
     per_layer: mx.array | None = None
     whole: bool = False  # the prompt must be read in one go (e.g. bidirectional image attention)
+    audio: AudioFeatures | None = None
 
 
 @dataclass
@@ -309,6 +311,7 @@ class BatchEngine:
         cache_bytes: int,
         eos_ids: frozenset[int],
         image_token_id: int | None = None,
+        audio_token_id: int | None = None,
     ) -> None:
         self.model = model
         self.is_vlm = is_vlm
@@ -319,6 +322,8 @@ class BatchEngine:
         if image_token_id is None and is_vlm:
             image_token_id = getattr(model.config, "image_token_id", None)
         self.image_token_id = image_token_id
+        self.audio_token_id = audio_token_id
+        self.media_ids = frozenset(t for t in (image_token_id, audio_token_id) if t is not None)
         self.prefix_cache = PrefixCache(cache_bytes)
         self._rows: list[_Row] = []
         self._pending: deque[_Pending] = deque()
@@ -343,9 +348,11 @@ class BatchEngine:
         pixel_values: mx.array | None = None,
         model_kwargs: dict[str, Any] | None = None,
         image_hashes: Sequence[str] = (),
+        audio: AudioFeatures | None = None,
         params: RowParams,
         n: int = 1,
     ) -> None:
+        """``image_hashes``: one content hash per image or audio clip, in prompt order."""
         if isinstance(prompt_ids, mx.array):  # no lazy reshape: it would wait for the step
             nested = prompt_ids.tolist()
             prompt = tuple(nested[0] if prompt_ids.ndim == 2 else nested)
@@ -357,8 +364,10 @@ class BatchEngine:
             raise ValueError(f"n must be in 1..{self.max_batch}")
         if pixel_values is not None and not self.is_vlm:
             raise ValueError("this model does not accept images")
-        if pixel_values is not None and not image_hashes:
-            raise ValueError("images need content hashes (prefix-cache keys)")
+        if audio is not None and self.audio_token_id is None:
+            raise ValueError("this model does not accept audio")
+        if (pixel_values is not None or audio is not None) and not image_hashes:
+            raise ValueError("images and audio need content hashes (prefix-cache keys)")
         if any(r.rid == rid for r in self._rows) or any(p.rid == rid for p in self._pending):
             raise ValueError(f"request {rid!r} is already in the engine")
         self._pending.append(
@@ -370,6 +379,7 @@ class BatchEngine:
                 dict(model_kwargs or {}),
                 params,
                 n,
+                audio=audio,
             )
         )
 
@@ -480,7 +490,7 @@ class BatchEngine:
     # -------------------------------------------------------------------------- prefill
 
     def _images_within(self, tokens: Sequence[int], images: tuple[str, ...]) -> tuple[str, ...]:
-        return images[: _n_image_runs(tokens, self.image_token_id)]
+        return images[: _n_media_runs(tokens, self.media_ids)]
 
     def _measure(self, seconds: float, prefilled: int, *, decoding: bool) -> None:
         """Running averages of a decode step's time and of prefill time per token."""
@@ -551,15 +561,18 @@ class BatchEngine:
 
     def _embed(self, job: _Pending) -> None:
         """Input embeddings of the prompt from the first token not in the cache on; the whole
-        prompt (vision tower included) only when images remain to be read."""
+        prompt (vision and audio towers included) only when images or clips remain to be read."""
         suffix = job.prompt[job.done :]
-        text_only = job.done > 0 and self.image_token_id not in suffix
+        text_only = job.done > 0 and self.media_ids.isdisjoint(suffix)
         job.embeds_from = job.done if text_only else 0
         ids = mx.array([suffix if text_only else job.prompt])
         features = self.model.get_input_embeddings(
             ids, None if text_only else job.pixel_values, mask=None, **job.model_kwargs
         )
         job.embeds = features.inputs_embeds
+        if job.audio is not None and not text_only:
+            assert self.audio_token_id is not None
+            job.embeds = embed_audio(self.model, job.audio, ids, job.embeds, self.audio_token_id)
         job.per_layer = getattr(features, "per_layer_inputs", None)
         policy = getattr(self.lm, "chunked_prefill_policy", None)
         if policy is not None and not policy(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,6 +67,7 @@ class ChatModel(Protocol):
         messages: list[dict],
         images: list[Any],
         *,
+        audio: Sequence[Any] = (),
         enable_thinking: bool | None = None,
         tools: list[dict] | None = None,
     ) -> Any: ...
@@ -225,6 +226,7 @@ class Scheduler:
             prompt = self.runner.prepare(
                 request.messages,
                 request.images,
+                audio=request.audio,
                 enable_thinking=request.enable_thinking,
                 tools=request.tools,
             )

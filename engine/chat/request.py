@@ -1,7 +1,7 @@
 """Parse and validate an OpenAI chat completions body into a ChatRequest (event-loop side).
 
-Every client mistake is an InvalidRequest naming the field. Images are decoded here, off the
-model thread; nothing in this module imports MLX.
+Every client mistake is an InvalidRequest naming the field. Images and audio clips are decoded
+here, off the model thread; nothing in this module imports MLX.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from sanic import Request
 
+from engine.chat.audio_input import AUDIO_PART, AudioClip, AudioRef, decode_clips, parse_input_audio
 from engine.chat.types import Constraint
 from engine.errors import ApiError, InvalidRequest
 from engine.validation import (
@@ -58,6 +59,9 @@ class ChatRequest:
     logprobs: int | None = None  # None: off; n: the chosen token plus the top n
     image_refs: list[ImageRef] = field(default_factory=list)
     n: int = 1  # choices
+    # Decoded clips, one per {"type": "audio"} part of the messages, in order (input_audio parts
+    # become those; another route can fill both the same way).
+    audio: list[AudioClip] = field(default_factory=list)
     prompt: str | None = None  # raw text for /v1/completions: no chat template, no messages
     count_only: bool = False  # render and tokenize only: the outcome's prompt_tokens
 
@@ -65,17 +69,17 @@ class ChatRequest:
 # ---- messages ----------------------------------------------------------------------------
 
 
-def parse_messages(value: Any) -> tuple[list[dict[str, Any]], list[ImageRef]]:
-    """Validated messages, and the image references in order of appearance."""
+def parse_messages(value: Any) -> tuple[list[dict[str, Any]], list[ImageRef | AudioRef]]:
+    """Validated messages, and the image and audio references in order of appearance."""
     if not isinstance(value, list):
         raise wrong_type("messages", "an array", value)
     if not value:
         raise InvalidRequest("'messages' must not be empty", param="messages")
-    refs: list[ImageRef] = []
+    refs: list[ImageRef | AudioRef] = []
     return [_message(m, i, refs) for i, m in enumerate(value)], refs
 
 
-def _message(message: Any, index: int, refs: list[ImageRef]) -> dict[str, Any]:
+def _message(message: Any, index: int, refs: list[ImageRef | AudioRef]) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise wrong_type(where, "an object", message)
@@ -119,7 +123,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]] | None:
     return value or None
 
 
-def _part(part: Any, where: str, refs: list[ImageRef]) -> dict[str, Any]:
+def _part(part: Any, where: str, refs: list[ImageRef | AudioRef]) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise wrong_type(where, "an object", part)
     kind = part.get("type")
@@ -134,8 +138,12 @@ def _part(part: Any, where: str, refs: list[ImageRef]) -> dict[str, Any]:
             raise wrong_type(f"{where}.image_url.url", "a string", url)
         refs.append(ImageRef(url, f"{where}.image_url"))
         return {"type": "image"}
+    if kind == "input_audio":
+        refs.append(parse_input_audio(part, where))
+        return dict(AUDIO_PART)
     raise InvalidRequest(
-        f"{where}.type must be 'text' or 'image_url'; got {kind!r}", param=f"{where}.type"
+        f"{where}.type must be 'text', 'image_url' or 'input_audio'; got {kind!r}",
+        param=f"{where}.type",
     )
 
 
@@ -427,11 +435,12 @@ async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
         parse_tools=bool(tools) and choice != "none",
         constraint=constraint,
         logprobs=parse_logprobs(body),
-        image_refs=refs,
+        image_refs=[ref for ref in refs if isinstance(ref, ImageRef)],
         n=n,
     )
     allow = request.app.ctx.config.chat_allow_image_urls
     loop = asyncio.get_running_loop()
-    for ref in refs:
+    for ref in chat.image_refs:
         chat.images.append(await loop.run_in_executor(None, decode_image, ref, allow))
+    chat.audio.extend(await decode_clips([ref for ref in refs if isinstance(ref, AudioRef)]))
     return chat

@@ -14,7 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from copy import copy
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,6 +31,8 @@ from mlx_lm.utils import MODEL_REMAPPING as LM_MODEL_REMAPPING
 from mlx_lm.utils import load as lm_load
 from mlx_vlm.utils import load as vlm_load
 
+from engine.chat.audio_input import AudioClip, audio_not_supported, audio_too_long, audio_too_short
+from engine.chat.audio_tower import AudioFeatures, audio_limit_s, expand_audio
 from engine.chat.batch import BatchEngine, RowParams
 from engine.chat.constraint import AnswerConstraint, json_grammar, tool_call_grammar
 from engine.chat.gemma_tokens import (
@@ -69,7 +71,9 @@ class PreparedPrompt:
     pixel_values: mx.array | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     n_images: int = 0
-    image_hashes: tuple[str, ...] = ()  # content hashes: prefix-cache keys of the images
+    # Content hashes of the images and audio clips, in prompt order: their prefix-cache keys.
+    image_hashes: tuple[str, ...] = ()
+    audio: AudioFeatures | None = None
 
 
 class ChatRunner:
@@ -93,6 +97,8 @@ class ChatRunner:
         self.context_length = _context_length(self.config)
         self.eos_token_ids = _eos_token_ids(self.config, model_dir, self.tokenizer)
         self.image_token_id = self.config.get("image_token_id")
+        has_tower = getattr(model, "audio_tower", None) is not None
+        self.audio_token_id = self.config.get("audio_token_id") if has_tower else None
         self._detokenizer_class = _detokenizer_class(model_dir)
         self._detokenizer = self._detokenizer_class(self.tokenizer)
         self._llg_tokenizer: Any = None
@@ -149,16 +155,19 @@ class ChatRunner:
         messages: list[dict],
         images: list[Any],
         *,
+        audio: Sequence[AudioClip] = (),
         enable_thinking: bool | None = None,
         tools: list[dict] | None = None,
     ) -> PreparedPrompt:
-        n_parts = _count_image_parts(messages)
+        n_parts = _count_parts(messages, IMAGE_PARTS)
         if (images or n_parts) and not self.accepts_images:
             raise ValueError("this model does not accept images")
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image parts in the messages but {len(images)} images")
+        self._check_audio(messages, audio)
         text = self.render(messages, enable_thinking=enable_thinking, tools=tools)
-        prompt = self._tokenize(text, images) if images else self._tokenize_text(text)
+        media = images or audio
+        prompt = self._tokenize(text, images, audio) if media else self._tokenize_text(text)
         if prompt.n_tokens >= self.context_length:
             raise PromptTooLongError(prompt.n_tokens, self.context_length)
         return prompt
@@ -175,15 +184,46 @@ class ChatRunner:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return PreparedPrompt(input_ids=mx.array([ids]), n_tokens=len(ids), text=text)
 
-    def _tokenize(self, text: str, images: list[Any]) -> PreparedPrompt:
-        # The processor expands each image token into <boi> soft tokens <eoi>. Pass
-        # add_special_tokens=False: the template already rendered <bos> (mlx-vlm's
-        # prepare_inputs does not forward it for Gemma 4 and the prompt gets two BOS).
+    def _check_audio(self, messages: list[dict], audio: Sequence[AudioClip]) -> None:
+        n_parts = _count_parts(messages, AUDIO_PARTS)
+        if n_parts != len(audio):
+            raise ValueError(f"{n_parts} audio parts in the messages but {len(audio)} clips")
+        if not audio:
+            return
+        if self.audio_token_id is None:
+            raise audio_not_supported(audio[0].param, f"{self.model_id} has no audio tower")
+        if getattr(self.processor, "feature_extractor", None) is None:
+            raise audio_not_supported(
+                audio[0].param,
+                f"{self.model_id} has no audio feature extractor (its conversion lost it: "
+                "convert the model again with mlxd convert)",
+            )
+        limit = audio_limit_s(self.processor)
+        for clip in audio:
+            if clip.seconds > limit:
+                raise audio_too_long(clip, limit)
+
+    def _tokenize(
+        self, text: str, images: list[Any], audio: Sequence[AudioClip] = ()
+    ) -> PreparedPrompt:
+        # The processor expands each image token into <boi> soft tokens <eoi>, expand_audio each
+        # audio token into <boa> soft tokens <eoa>. Pass add_special_tokens=False: the template
+        # already rendered <bos> (mlx-vlm's prepare_inputs does not forward it for Gemma 4 and
+        # the prompt gets two BOS).
         rgb = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        out = dict(self.processor(text=[text], images=rgb, add_special_tokens=False))
+        expanded, features = text, None
+        if audio:
+            expanded, features = expand_audio(self.processor, text, [c.samples for c in audio])
+            for clip, n in zip(audio, features.tokens, strict=True):
+                if n == 0:
+                    raise audio_too_short(clip)
+        out = dict(self.processor(text=[expanded], images=rgb or None, add_special_tokens=False))
         input_ids = out.pop("input_ids")
         pixel_values = out.pop("pixel_values", None)
         out.pop("attention_mask", None)
+        hashes = {self.image_token_id: iter([_image_hash(im) for im in rgb])}
+        if self.audio_token_id is not None:
+            hashes[self.audio_token_id] = iter([clip.digest for clip in audio])
         return PreparedPrompt(
             input_ids=input_ids,
             n_tokens=int(input_ids.shape[1]),
@@ -191,7 +231,8 @@ class ChatRunner:
             pixel_values=pixel_values,
             model_kwargs=out,
             n_images=len(images),
-            image_hashes=tuple(_image_hash(im) for im in rgb),
+            image_hashes=_media_hashes(input_ids[0].tolist(), hashes),
+            audio=features,
         )
 
     # ------------------------------------------------------------ generation
@@ -222,6 +263,7 @@ class ChatRunner:
             cache_bytes=cache_bytes,
             eos_ids=self.eos_token_ids,
             image_token_id=self.image_token_id,
+            audio_token_id=self.audio_token_id,
         )
         return ChatBatch(self, engine)
 
@@ -402,6 +444,7 @@ class ChatBatch:
             pixel_values=prompt.pixel_values,
             model_kwargs=prompt.model_kwargs,
             image_hashes=prompt.image_hashes,
+            audio=prompt.audio,
             params=row,
             n=n,
         )
@@ -488,14 +531,29 @@ def _logprob_info(
     return chosen, tuple(zip(order.tolist(), values.tolist(), strict=True))
 
 
-def _count_image_parts(messages: list[dict]) -> int:
+IMAGE_PARTS = ("image_url", "image")
+AUDIO_PARTS = ("input_audio", "audio")
+
+
+def _count_parts(messages: list[dict], kinds: tuple[str, ...]) -> int:
     return sum(
         1
         for m in messages
         if isinstance(m.get("content"), list)
         for part in m["content"]
-        if isinstance(part, dict) and part.get("type") in ("image_url", "image")
+        if isinstance(part, dict) and part.get("type") in kinds
     )
+
+
+def _media_hashes(ids: list[int], hashes: dict[Any, Iterator[str]]) -> tuple[str, ...]:
+    """One hash per run of image or audio tokens, in prompt order ("" for a run that no image
+    or clip filled: the literal token typed in text)."""
+    out, previous = [], None
+    for token in ids:
+        if token in hashes and token != previous:
+            out.append(next(hashes[token], ""))
+        previous = token
+    return tuple(out)
 
 
 def _template_messages(messages: list[dict]) -> list[dict]:
@@ -516,6 +574,8 @@ def _template_message(message: dict) -> dict:
 def _template_part(part: dict) -> dict:
     if part.get("type") == "image_url":
         return {"type": "image"}
+    if part.get("type") == "input_audio":
+        return {"type": "audio"}
     return part
 
 

@@ -87,14 +87,22 @@ class FakeChat:
     def generation_defaults(self) -> dict[str, Any]:
         return {"temperature": 1.0, "top_p": 0.95, "top_k": 64}
 
-    def prepare(self, messages, images, *, enable_thinking=None, tools=None) -> FakePrompt:
+    def prepare(
+        self, messages, images, *, audio=(), enable_thinking=None, tools=None
+    ) -> FakePrompt:
         text = " ".join(
             m["content"] if isinstance(m["content"], str) else "<image>"
             for m in messages
             if m["content"]
         )
         self.calls.append(
-            {"messages": messages, "images": images, "thinking": enable_thinking, "tools": tools}
+            {
+                "messages": messages,
+                "images": images,
+                "audio": audio,
+                "thinking": enable_thinking,
+                "tools": tools,
+            }
         )
         return FakePrompt(text + self.prompt_suffix, len(text.split()) + 2 * len(images))
 

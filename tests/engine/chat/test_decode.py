@@ -28,10 +28,12 @@ class RecordingChat(FakeChat):
         super().__init__()
         self.steps: list[tuple[str, int]] = []
 
-    def prepare(self, messages, images, *, enable_thinking=None, tools=None):
+    def prepare(self, messages, images, *, audio=(), enable_thinking=None, tools=None):
         if messages[0]["content"] == "too long":
             raise InvalidRequest("prompt too long", param="messages")
-        return super().prepare(messages, images, enable_thinking=enable_thinking, tools=tools)
+        return super().prepare(
+            messages, images, audio=audio, enable_thinking=enable_thinking, tools=tools
+        )
 
     def generate(self, prompt, params, is_cancelled):
         for index, step in enumerate(super().generate(prompt, params, is_cancelled)):
