@@ -58,6 +58,8 @@ class ServiceSpec:
     load: Callable[[ModelInfo, Config], Any]
     policy: Callable[[Config], Policy]
     metrics: ServiceMetrics | None = None  # the service's own counters on /metrics
+    # Routes that answer errors in another API's shape: (path prefix, ApiError -> response).
+    error_shapes: tuple[tuple[str, Callable[[ApiError], HTTPResponse]], ...] = ()
 
 
 def served_model_id(ref: str) -> str:
@@ -73,14 +75,27 @@ class OpenAIErrorHandler(ErrorHandler):
 
 
 def error_response(request: Request | None, exception: Exception) -> HTTPResponse:
+    return _shaped(request, _api_error(request, exception))
+
+
+def _api_error(request: Request | None, exception: Exception) -> ApiError:
     if isinstance(exception, ApiError):
-        return exception.response()
+        return exception
     if isinstance(exception, asyncio.CancelledError):  # the client went away mid-request
-        return ClientClosed("Client closed the request", code="client_closed").response()
+        return ClientClosed("Client closed the request", code="client_closed")
     if isinstance(exception, SanicException):
-        return _framework_error(request, exception).response()
+        return _framework_error(request, exception)
     log.exception("unhandled error", exc_info=exception)
-    return ServerError(f"Internal server error: {type(exception).__name__}").response()
+    return ServerError(f"Internal server error: {type(exception).__name__}")
+
+
+def _shaped(request: Request | None, error: ApiError) -> HTTPResponse:
+    """The error in the shape of the API the request's route speaks (OpenAI's by default)."""
+    shapes = getattr(request.app.ctx, "error_shapes", ()) if request is not None else ()
+    for prefix, shape in shapes:
+        if request.path.startswith(prefix):
+            return shape(error)
+    return error.response()
 
 
 def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
@@ -121,6 +136,7 @@ def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     app.ctx.metrics = Metrics(
         service, app.ctx.model_id, lambda: getattr(app.ctx, "worker", None), spec.metrics
     )
+    app.ctx.error_shapes = spec.error_shapes
     app.blueprint(common_routes())
     app.blueprint(spec.blueprint)
     install_lifecycle(app)
@@ -185,8 +201,10 @@ def _install_middleware(app: Sanic, config: Config) -> None:
         response.headers["x-request-id"] = rid
         if origin := _cors_origin(request, config):
             response.headers["access-control-allow-origin"] = origin
-            response.headers["access-control-allow-headers"] = "authorization, content-type"
-            response.headers["access-control-allow-methods"] = "GET, POST, OPTIONS"
+            response.headers["access-control-allow-headers"] = (
+                "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"
+            )
+            response.headers["access-control-allow-methods"] = "GET, POST, DELETE, OPTIONS"
             response.headers["vary"] = "Origin"
         started = getattr(request.ctx, "started", None)
         ms = (time.monotonic() - started) * 1000 if started else 0.0
@@ -249,11 +267,13 @@ def _cors_origin(request: Request, config: Config) -> str | None:
 
 
 def _check_api_key(request: Request, api_key: str) -> None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+    """`Authorization: Bearer KEY` (OpenAI) or `x-api-key: KEY` (Anthropic)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    given = bearer or request.headers.get("x-api-key", "").strip()
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
         raise AuthenticationError(
-            "Missing or invalid API key: send 'Authorization: Bearer <key>'",
+            "Missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
             code="invalid_api_key",
         )
 

@@ -39,6 +39,26 @@ class ApiError(Exception):
     def response(self) -> HTTPResponse:
         return json_response(self.body(), status=self.status, headers=self.headers)
 
+    def anthropic_body(self) -> dict:
+        """Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+        kind = ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else self.type)
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def anthropic_response(self) -> HTTPResponse:
+        return json_response(self.anthropic_body(), status=self.status, headers=self.headers)
+
+
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+}
+
 
 class InvalidRequest(ApiError):
     status = 400

@@ -1,4 +1,5 @@
-"""Chat service (port 8080): OpenAI `POST /v1/chat/completions`.
+"""Chat service (port 8080): OpenAI `POST /v1/chat/completions`; the other APIs on this port
+live in `anthropic` (Messages), `responses` (Responses) and `completions` (legacy completions).
 
 The handler validates the body (`request`), queues one job and reads its events: `Started` once
 the prompt is rendered and fits, then one `Piece` per decoded token (`decode`, on the model
@@ -16,13 +17,10 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 from engine.app import ServiceSpec, resolve_requested_model
-from engine.chat import decode, metrics
+from engine.chat import anthropic, completions, decode, jobs, metrics, responses
 from engine.chat.request import parse_request
-from engine.chat.response import Reply, completion_body, stream_reply
+from engine.chat.response import completion_body, stream_reply
 from engine.config import Config
-from engine.errors import InvalidRequest
-from engine.lifecycle import submit
-from engine.modelthread import Job
 from engine.store import ModelInfo
 from engine.validation import optional_bool, optional_object, parse_json_body
 
@@ -37,31 +35,35 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
     stream = optional_bool(body, "stream")
     include_usage = optional_bool(optional_object(body, "stream_options"), "include_usage")
     chat = await parse_request(request, body)
-    job = submit(request, chat, stream=True)
+    running = await jobs.start(request, chat)  # errors before generation: plain JSON
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-    events = job.batches()
-    started, *early = await _first_batch(job, events)  # errors before generation: plain JSON
-    replies = [Reply(chat, started, index) for index in range(chat.n)]
     if stream:
-        await stream_reply(request, job, events, meta, replies, include_usage, early)
+        await stream_reply(
+            request,
+            running.job,
+            running.events,
+            meta,
+            running.replies,
+            include_usage,
+            running.early,
+        )
         return None
-    for piece in early:
-        replies[piece.index].add(piece)
-    async for batch in events:
-        for piece in batch:
-            replies[piece.index].add(piece)
-    for reply in replies:
-        reply.finish()
-    return json_response(completion_body(await job.result(), replies, meta))
+    outcome = await jobs.gather(running)
+    return json_response(completion_body(outcome, running.replies, meta))
 
 
-async def _first_batch(job: Job, events: Any) -> list[Any]:
-    """The first events: `Started`, then any pieces that came with it."""
-    try:
-        return await anext(events)
-    except StopAsyncIteration:
-        await job.result()  # raises the job's error
-        raise InvalidRequest("The request ended before generation started") from None
+ROUTES = (
+    (anthropic.messages, "/v1/messages", "POST", "messages"),
+    (anthropic.count_tokens, "/v1/messages/count_tokens", "POST", "count_tokens"),
+    (responses.create, "/v1/responses", "POST", "responses_create"),
+    (responses.retrieve, "/v1/responses/<response_id>", "GET", "responses_get"),
+    (responses.delete, "/v1/responses/<response_id>", "DELETE", "responses_delete"),
+    (responses.input_items, "/v1/responses/<response_id>/input_items", "GET", "input_items"),
+    (completions.create, "/v1/completions", "POST", "completions"),
+    (completions.create, "/completions", "POST", "completions_short"),
+)
+for handler, uri, method, name in ROUTES:
+    bp.add_route(handler, uri, methods=[method], name=name)
 
 
 def load(model: ModelInfo, config: Config) -> Any:
@@ -71,5 +73,10 @@ def load(model: ModelInfo, config: Config) -> Any:
 
 
 SERVICE = ServiceSpec(
-    name="chat", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+    name="chat",
+    blueprint=bp,
+    load=load,
+    policy=decode.policy,
+    metrics=metrics.observer,
+    error_shapes=((anthropic.ROUTE_PREFIX, anthropic.error_response),),
 )
