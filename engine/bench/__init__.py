@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audio-seconds", type=_numbers(float), default="5,15,30", help="speech file lengths, s"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the results")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="draw the results (default: no plot)"
+    )
 
 
 ARGUMENTS = frozenset(
