@@ -590,7 +590,7 @@ async def delete(request: Request, response_id: str) -> HTTPResponse:
 
 async def input_items(request: Request, response_id: str) -> HTTPResponse:
     items = [
-        {"id": item.get("id") or f"{response_id}_in_{i}", **item}
+        {"type": "message", **item, "id": item.get("id") or f"{response_id}_in_{i}"}
         for i, item in enumerate(_stored(request, response_id).input_items)
     ]
     order = request.args.get("order", "desc")
