@@ -305,3 +305,77 @@ def test_node_sdk_streamed_and_not(server: Server, api, node_client) -> None:
     python = api.chat.completions.create(messages=PROMPT, **GREEDY)
     assert whole["content"] == stream["content"] == python.choices[0].message.content
     assert whole["finish_reason"] == stream["finish_reason"] == "length"
+
+
+# ---- the chat port's other APIs on the same model -----------------------------------------
+
+
+def test_anthropic_messages_split_thinking_like_chat(server: Server, marker_model) -> None:
+    import anthropic
+
+    _, script = marker_model
+    sdk = anthropic.Anthropic(base_url=server.url("chat"), api_key="x", max_retries=0)
+    # This SDK no longer takes `temperature` as an argument; the route still honours it.
+    request = {"model": "gemma-4-e4b", "max_tokens": N_TOKENS, "extra_body": {"temperature": 0}}
+    message = sdk.messages.create(messages=PROMPT, **request)
+    blocks = {block.type: block for block in message.content}
+    assert blocks["thinking"].thinking == script.reasoning
+    assert blocks["text"].text == script.content
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == N_TOKENS
+    with sdk.messages.stream(messages=PROMPT, **request) as stream:
+        final = stream.get_final_message()
+    assert [b.model_dump().get("text") for b in final.content] == [
+        b.model_dump().get("text") for b in message.content
+    ]
+    counted = sdk.messages.count_tokens(model="gemma-4-e4b", messages=PROMPT)
+    chat = api_for(server).chat.completions.create(messages=PROMPT, **GREEDY)
+    assert counted.input_tokens == chat.usage.prompt_tokens
+    assert (
+        message.usage.input_tokens + message.usage.cache_read_input_tokens == counted.input_tokens
+    )
+
+
+def test_responses_match_chat_and_continue_a_stored_conversation(server: Server, marker_model):
+    _, script = marker_model
+    api = api_for(server)
+    response = api.responses.create(
+        model="gemma-4-e4b", input="Hello", temperature=0, max_output_tokens=N_TOKENS
+    )
+    assert response.output_text == script.content
+    assert response.output[0].type == "reasoning"
+    assert response.output[0].content[0].text == script.reasoning
+    assert response.status == "incomplete"
+    events = list(
+        api.responses.create(
+            model="gemma-4-e4b",
+            input="Hello",
+            temperature=0,
+            max_output_tokens=N_TOKENS,
+            stream=True,
+        )
+    )
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == script.content
+    follow = api.responses.create(
+        model="gemma-4-e4b",
+        input="And then?",
+        previous_response_id=response.id,
+        temperature=0,
+        max_output_tokens=4,
+    )
+    assert follow.usage.input_tokens > response.usage.input_tokens + N_TOKENS // 2
+    assert follow.usage.input_tokens_details.cached_tokens > 0
+
+
+def test_legacy_completions_read_raw_text(server: Server) -> None:
+    api = api_for(server)
+    done = api.completions.create(model="gemma-4-e4b", prompt="Hello", max_tokens=4, temperature=0)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 4
+    templated = api.chat.completions.create(messages=PROMPT, **GREEDY).usage.prompt_tokens
+    assert done.usage.prompt_tokens < templated  # no chat template around the text
+    again = api.completions.create(model="gemma-4-e4b", prompt="Hello", max_tokens=4, temperature=0)
+    assert again.choices[0].text == done.choices[0].text
+
+
+def api_for(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url("chat") + "/v1", api_key="x", max_retries=0)
