@@ -59,7 +59,30 @@ def chat_body(body: dict[str, Any], *, for_count: bool = False) -> dict[str, Any
     thinking = _thinking(body.get("thinking"))
     if thinking is not None:
         out["chat_template_kwargs"] = {"enable_thinking": thinking}
+    schema = _output_schema(body.get("output_config"))
+    if schema is not None:
+        out["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
     return out
+
+
+def _output_schema(value: Any) -> dict[str, Any] | None:
+    """Structured outputs: `output_config.format` {"type": "json_schema", "schema": ...}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise wrong_type("output_config", "an object", value)
+    fmt = value.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise InvalidRequest(
+            "output_config.format must be {'type': 'json_schema', 'schema': {...}}",
+            param="output_config.format",
+        )
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise wrong_type("output_config.format.schema", "a JSON schema object", schema)
+    return schema
 
 
 def _system(value: Any) -> list[dict[str, Any]]:

@@ -172,6 +172,9 @@ def test_messages_system_images_stop_sequences_and_max_tokens(tmp_path) -> None:
         assert message.content[0].text == "Hello world, this is"
         short = api.messages.create(model="m", max_tokens=2, messages=USER)
         assert short.stop_reason == "max_tokens" and short.content[0].text == "Hello world"
+        fmt = {"format": {"type": "json_schema", "schema": WEATHER}}
+        api.messages.create(model="m", max_tokens=4, messages=USER, output_config=fmt)
+        assert json.loads(fake.calls[-1]["params"].constraint.json_schema) == WEATHER
 
 
 def test_count_tokens_matches_the_prompt_a_message_reads(tmp_path) -> None:
