@@ -1,19 +1,23 @@
-"""The speech service's model-thread side: one transcription at a time, window by window.
+"""The speech service's model-thread side: transcriptions take turns, window by window.
 
-Between windows a job checks its cancellation and time limit, then lets the jobs queued since
-run to the end (nested, one level deep) so a short request is not stuck behind a long one;
-their time does not count against the running job's limit.
+Each transcription runs in its own greenlet on the model thread (one OS thread still touches
+MLX). Before every window its `on_window` hook checks cancellation and the time limit, then
+hands the turn back; the policy gives the next turn to the next job in a round robin, taking
+newly queued jobs in behind the one that just ran. A short request therefore answers after
+one window of each running job, a long one finishes however many arrive, and each job's time
+limit counts only the model time of its own turns.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
+from greenlet import greenlet
 
 from engine.config import Config
 from engine.errors import status_error
@@ -47,19 +51,22 @@ class SpeechModel(Protocol):
 
 
 class _Deadline:
-    """Runs between windows: stops a cancelled or over-time job, then lets queued jobs run
-    (their time does not count against this job)."""
+    """Runs between windows: stops a cancelled or over-time job, then yields the turn.
+    `used` is the job's own model time so far; `pause` hands the turn to the other jobs."""
 
-    def __init__(self, job: Job, limit_s: float | None, others: Callable[[], float]) -> None:
+    def __init__(
+        self, job: Job, limit_s: float | None, used: Callable[[], float], pause: Callable[[], None]
+    ) -> None:
         self.job = job
-        self.others = others
         self.limit_s = limit_s
-        self.started = time.monotonic()
-        self.deadline = self.started + limit_s if limit_s else math.inf
+        self.used = used
+        self.pause = pause
+        self.started = False
 
     def tick(self) -> None:
+        """Before each window: the first one runs in the job's first turn."""
         self.job.check()
-        if time.monotonic() > self.deadline:
+        if self.limit_s and self.used() > self.limit_s:
             raise status_error(
                 504,
                 f"Transcription exceeded its time limit of {self.limit_s:.0f} s of model time "
@@ -67,18 +74,46 @@ class _Deadline:
                 f"{MIN_TIME_LIMIT_S:.0f} s): raise the factor, or set it to 0 for no limit",
                 "time_limit_exceeded",
             )
-        self.deadline += self.others()
-        self.job.check()
+        if self.started:
+            self.pause()
+            self.job.check()
+        self.started = True
 
 
-def transcribe_job(runner: SpeechModel, job: Job, others: Callable[[], float]) -> dict:
-    request: SttJob = job.payload
-    clock = _Deadline(job, request.time_limit_s, others)
+class _Turns:
+    """One job's transcription as a greenlet the policy resumes for one window at a time."""
+
+    def __init__(self, runner: SpeechModel, job: Job) -> None:
+        self.job = job
+        self.model_s = 0.0  # the model time of this job's finished turns
+        self.resumed = 0.0
+        self._green = greenlet(lambda: _finish(runner, job, self.clock()))
+
+    def clock(self) -> _Deadline:
+        request: SttJob = self.job.payload
+        return _Deadline(self.job, request.time_limit_s, self.used, self._pause)
+
+    def used(self) -> float:
+        return self.model_s + time.monotonic() - self.resumed
+
+    def _pause(self) -> None:
+        self._green.parent.switch()
+
+    def step(self) -> bool:
+        """Run until the job's next window boundary; False once it has finished."""
+        self.resumed = time.monotonic()
+        try:
+            self._green.switch()
+        finally:
+            self.model_s += time.monotonic() - self.resumed
+        return not self._green.dead
+
+
+def transcribe_job(runner: SpeechModel, job: Job, clock: _Deadline) -> dict:
     try:
-        return _run(runner, request, clock)
+        return _run(runner, job.payload, clock)
     except Cancelled:
-        elapsed = time.monotonic() - clock.started
-        log.info("stt: transcription cancelled after %.1f s (client gone)", elapsed)
+        log.info("stt: transcription cancelled after %.1f s (client gone)", clock.used())
         raise
 
 
@@ -111,24 +146,26 @@ def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
 
 
 def policy(config: Config) -> Policy:
-    """One job at a time; between its windows, the jobs queued meanwhile run nested."""
+    """Round robin over the running transcriptions, one window per turn; jobs queued meanwhile
+    join behind the job that just ran. Runs until every started job has finished."""
 
     def run(runner: SpeechModel, inbox: Inbox) -> None:
-        def others() -> float:
-            started = time.monotonic()
-            for job in inbox.take():
-                _finish(runner, job, lambda: 0.0)
-            return time.monotonic() - started
-
-        while inbox.wait():
-            for job in inbox.take(limit=1):
-                _finish(runner, job, others)
+        ring: deque[_Turns] = deque()
+        while ring or inbox.wait():
+            ring.extend(_Turns(runner, job) for job in inbox.take())
+            if not ring:
+                continue
+            turn = ring.popleft()
+            running = turn.step()
+            ring.extend(_Turns(runner, job) for job in inbox.take())
+            if running:
+                ring.append(turn)
 
     return run
 
 
-def _finish(runner: SpeechModel, job: Job, others: Callable[[], float]) -> None:
+def _finish(runner: SpeechModel, job: Job, clock: _Deadline) -> None:
     try:
-        job.finish(transcribe_job(runner, job, others))
+        job.finish(transcribe_job(runner, job, clock))
     except BaseException as exc:  # noqa: BLE001 - reported to that job's request only
         job.finish(error=as_client_error(exc, "stt"))

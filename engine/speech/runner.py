@@ -4,20 +4,21 @@ The model is loaded once from a local directory (never the hub) and handed to
 `mlx_whisper.transcribe` through its process-wide `ModelHolder` cache, wrapped in `_HookedModel`:
 
 - before every 30 s window is decoded (and before every temperature-fallback retry) it calls the
-  request's `on_window` hook: cancellation, the time limit, and running other queued requests
-  between windows (the `on_window` hook, engine.speech.decode) all happen there;
+  request's `on_window` hook: cancellation, the time limit, and handing the turn to other
+  requests between windows (engine.speech.decode) all happen there;
 - it encodes each window once: mlx-whisper runs the encoder again for every fallback
   temperature, for word timestamps and (on long audio) for language detection. Same inputs,
   same results, fewer encoder passes;
 - it keeps the language probabilities of the detection pass for verbose_json.
 
-`transcribe` is re-entrant: a request run from another one's `on_window` gets its own hooks and
-encoder cache, and the outer request's are restored afterwards.
+Each call's hooks and encoder cache live in a context variable: transcriptions that take turns
+(each in its own greenlet, which has its own context) or nest never see each other's.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextvars
 import importlib
 import json
 import struct
@@ -91,12 +92,18 @@ class _Call:
     language_probs: dict[str, float] | None = None
 
 
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("stt_call", default=None)
+
+
 class _HookedModel:
     """Delegates to a Whisper model; hooks each window and encodes each window only once."""
 
     def __init__(self, model: Any) -> None:
         self._model = model
-        self.call: _Call | None = None
+
+    @property
+    def call(self) -> _Call | None:
+        return _CALL.get()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -212,9 +219,8 @@ class SpeechRunner:
         on_window: Callable[[], None] = _nothing,
         **decode_options: Any,
     ) -> dict:
-        """Transcribe float32 mono 16 kHz samples. `on_window` runs before the work starts and
-        before every window; what it raises (Cancelled, a time limit) ends the transcription."""
-        on_window()
+        """Transcribe float32 mono 16 kHz samples. `on_window` runs before every window; what
+        it raises (Cancelled, a time limit) ends the transcription."""
         for name in _UNSUPPORTED_OPTIONS:
             decode_options.pop(name, None)
         if not self.multilingual:
@@ -252,12 +258,12 @@ class SpeechRunner:
     @contextmanager
     def _calling(self, on_window: Callable[[], None]) -> Iterator[_Call]:
         """Install a call's hooks on the model; restore the enclosing call's afterwards."""
-        outer = self._model.call
-        self._model.call = _Call(on_window)
+        call = _Call(on_window)
+        token = _CALL.set(call)
         try:
-            yield self._model.call
+            yield call
         finally:
-            self._model.call = outer
+            _CALL.reset(token)
 
     def _finish(self, result: dict, probs: dict[str, float] | None, task: str) -> dict:
         from mlx_whisper.tokenizer import get_tokenizer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,76 +106,81 @@ def test_temperature_ladder() -> None:
 
 
 class _Job:
-    def __init__(self, others: float = 0.0) -> None:
-        self.cancelled, self.others, self.yields = False, others, 0
+    def __init__(self) -> None:
+        self.cancelled = False
 
     def check(self) -> None:
         if self.cancelled:
             raise Cancelled()
 
-    def run_others(self) -> float:
-        self.yields += 1
-        return self.others
 
-
-def test_time_limit_excludes_time_spent_on_other_requests() -> None:
-    job = _Job()
-    clock = _Deadline(job, 0.05, job.run_others)  # type: ignore[arg-type]
+def test_time_limit_counts_the_jobs_own_model_time_and_turns_are_handed_on() -> None:
+    job, used, pauses = _Job(), [0.0], []
+    clock = _Deadline(job, 10.0, lambda: used[0], lambda: pauses.append(used[0]))  # type: ignore[arg-type]
+    clock.tick()  # before the first window: the job's first turn goes on
+    used[0] = 9.0
     clock.tick()
-    time.sleep(0.08)
+    assert pauses == [9.0]
+    used[0] = 10.5
     with pytest.raises(ApiError) as err:
         clock.tick()
     assert err.value.status == 504 and err.value.code == "time_limit_exceeded"
-    assert "--stt-time-limit-factor" in str(err.value) and "of 0 s" in str(err.value)
-    generous = _Job(others=0.5)
-    clock = _Deadline(generous, 0.05, generous.run_others)  # type: ignore[arg-type]
-    clock.tick()  # the queue took 0.5 s: the deadline moves by that much
-    time.sleep(0.08)
-    clock.tick()
-    generous.cancelled = True
+    assert "--stt-time-limit-factor" in str(err.value) and "of 10 s" in str(err.value)
+    assert pauses == [9.0]
+    job.cancelled = True
     with pytest.raises(Cancelled):
-        clock.tick()
+        _Deadline(job, None, lambda: 1e9, lambda: None).tick()  # type: ignore[arg-type]
 
 
 class WindowedSpeech(FakeSpeech):
-    """Three windows for a long clip (the `on_window` hook before each), one for a short one."""
+    """`windows` windows for a long clip (the `on_window` hook before each), one for a short one;
+    `arrive` runs at each window of the long clip (the tests queue more work there)."""
 
-    def __init__(self, gate: threading.Event, order: list[str]) -> None:
-        self.gate, self.order = gate, order
+    def __init__(self, gate: threading.Event, order: list[str], windows: int = 3) -> None:
+        self.gate, self.order, self.windows = gate, order, windows
+        self.arrive: Callable[[int], None] = lambda step: None
 
     def transcribe(self, audio, **options) -> dict:
-        name = "long" if len(audio) > 16000 else "short"
-        if name == "short" and audio[0] == 1:
+        name = "long" if len(audio) > 16000 else f"short{int(audio[1])}"
+        if audio[0] == 1:
             raise ValueError("broken")
         self.order.append(f"{name}:start")
         self.gate.wait(5)
-        for step in range(3 if name == "long" else 1):
+        for step in range(self.windows if name == "long" else 1):
             options["on_window"]()
             self.order.append(f"{name}:{step}")
+            if name == "long":
+                self.arrive(step)
         return super().transcribe(audio, **options)
 
 
-def test_the_speech_policy_runs_queued_jobs_between_windows_of_a_long_one() -> None:
+def _stt_job(seconds: float, first: float = 0.0, tag: int = 0) -> SttJob:
     import numpy as np
 
+    audio = np.zeros(max(int(seconds * 16000), 2), np.float32)
+    audio[0], audio[1] = first, tag
+    return SttJob(audio, Options(), None)
+
+
+async def _ready_worker(runner: FakeSpeech) -> ModelThread:
+    worker = ModelThread("t", lambda: runner, decode.policy(build_config({})), queue_size=64)
+    worker.start()
+    while worker.state.value != "ok":
+        await asyncio.sleep(0.01)
+    return worker
+
+
+def test_queued_jobs_take_their_turn_between_windows_of_a_long_one() -> None:
     order: list[str] = []
     gate = threading.Event()
     runner = WindowedSpeech(gate, order)
 
-    def job(seconds: float, first: float = 0.0) -> SttJob:
-        audio = np.zeros(int(seconds * 16000), np.float32)
-        audio[0] = first
-        return SttJob(audio, Options(), None)
-
     async def main() -> list:
-        config = build_config({})
-        worker = ModelThread("t", lambda: runner, decode.policy(config), queue_size=8)
-        worker.start()
-        while worker.state.value != "ok":
+        worker = await _ready_worker(runner)
+        jobs = [worker.submit(_stt_job(5))]
+        while not order:
             await asyncio.sleep(0.01)
-        jobs = [worker.submit(job(5))]
-        await asyncio.sleep(0.1)
-        jobs += [worker.submit(job(0.5)), worker.submit(job(0.5, first=1.0))]
+        jobs += [worker.submit(_stt_job(0.5, tag=1)), worker.submit(_stt_job(0.5, first=1.0))]
         gate.set()
         results = await asyncio.gather(*(j.result() for j in jobs), return_exceptions=True)
         worker.stop(2)
@@ -182,8 +188,48 @@ def test_the_speech_policy_runs_queued_jobs_between_windows_of_a_long_one() -> N
 
     results = asyncio.run(main())
     assert [r["text"] for r in results[:2]] == [" Fake words.", " Fake words."]
-    assert isinstance(results[2], ApiError)  # a failing nested job fails alone
-    assert order == ["long:start", "short:start", "short:0", "long:0", "long:1", "long:2"]
+    assert isinstance(results[2], ApiError)  # a failing job fails alone
+    assert order == ["long:start", "long:0", "short1:start", "short1:0", "long:1", "long:2"]
+
+
+def test_a_long_job_finishes_while_short_ones_keep_arriving() -> None:
+    """A short job arrives during every window of the long one: each answers before the long
+    job's next window, and the long job still finishes (round robin, not nesting)."""
+    order: list[str] = []
+    gate = threading.Event()
+    gate.set()
+    runner = WindowedSpeech(gate, order, windows=8)
+    done: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        worker = await _ready_worker(runner)
+        shorts: list = []
+
+        async def submit_short(step: int) -> None:
+            job = worker.submit(_stt_job(0.5, tag=step + 1))
+            job.future.add_done_callback(lambda _: done.append(f"short{step + 1}"))
+            shorts.append(job)
+
+        def arrive(step: int) -> None:  # on the model thread, inside the long job's window
+            asyncio.run_coroutine_threadsafe(submit_short(step), loop).result(5)
+
+        runner.arrive = arrive
+        long = worker.submit(_stt_job(5))
+        long.future.add_done_callback(lambda _: done.append("long"))
+        result = await long.result()
+        assert result["text"] == " Fake words."
+        await asyncio.gather(*(j.result() for j in shorts))
+        worker.stop(2)
+
+    asyncio.run(main())
+    assert [s for s in order if s.startswith("long:") and s != "long:start"] == [
+        f"long:{i}" for i in range(8)
+    ]
+    for step in range(1, 8):  # short k ran whole between the long job's windows k-1 and k
+        window = order.index(f"long:{step}")
+        assert order.index(f"short{step}:0") < window < order.index(f"short{step + 1}:start")
+    assert done.index("long") == 7 and done[-1] == "short8"
 
 
 class RecordingSpeech(FakeSpeech):
