@@ -168,8 +168,10 @@ def _part(part: Any, where: str) -> dict[str, Any]:
                 param=f"{where}.image_url",
             )
         return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "input_audio":
+        return {"type": "input_audio", "input_audio": part.get("input_audio")}
     raise InvalidRequest(
-        f"{where}.type must be input_text, output_text or input_image; got {kind!r}",
+        f"{where}.type must be input_text, output_text, input_image or input_audio; got {kind!r}",
         param=f"{where}.type",
     )
 

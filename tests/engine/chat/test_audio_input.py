@@ -237,3 +237,12 @@ def test_each_clip_gets_its_own_frames(runner: ChatRunner) -> None:
     alone_frames = runner.model.embed_audio(encoded)[0, :63]
     positions = [i for i, t in enumerate(ids) if t == runner.audio_token_id][25:]
     assert mx.allclose(mixed[0, mx.array(positions)], alone_frames, atol=1e-4).item()
+
+
+def test_responses_input_audio_is_heard_like_chat(server: Server) -> None:
+    clip = audio_part(wav(1.0))
+    item = {"role": "user", "content": [clip, {"type": "input_text", "text": QUESTION["text"]}]}
+    request = {"input": [item], "max_output_tokens": 4, "temperature": 0}
+    response = server.post("chat", "/v1/responses", json=request)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["input_tokens"] == prompt_tokens(server, clip)
