@@ -4,16 +4,16 @@ Each app has its own registry (tests run several apps in one process). The event
 requests by route and status; the model thread reports each job's end and each model load
 (`Metrics` is its `Observer`) and hands finished jobs to the service's own observer (chat's
 tokens, embeddings' texts, speech's audio seconds). Gauges of the queue, the model's state and
-the process's memory are read when scraped; MLX's memory counters are read on the model thread
-only, after each job, and kept here. Where llama-server has a metric, it is served under its
-name (`llamacpp:requests_processing`) beside an `mlxd_` twin.
+the process's memory are read when scraped; MLX's memory counters are those the model thread
+last read (`ModelThread.memory`: between jobs, after a load or an unload). Where llama-server
+has a metric, it is served under its name (`llamacpp:requests_processing`) beside an `mlxd_`
+twin.
 """
 
 from __future__ import annotations
 
 import resource
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,18 +50,6 @@ def ratio_gauge(registry: CollectorRegistry, name: str, doc: str, top: Twin, bot
     """A gauge read when scraped: top / bottom (0 while bottom is 0)."""
     gauge = Gauge(name, doc, registry=registry)
     gauge.set_function(lambda: top.value / bottom.value if bottom.value else 0.0)
-
-
-def mlx_memory() -> dict[str, int]:
-    """MLX's memory counters (model thread only); empty until something imported MLX."""
-    mx = sys.modules.get("mlx.core")
-    if mx is None:
-        return {}
-    return {
-        "active": mx.get_active_memory(),
-        "peak": mx.get_peak_memory(),
-        "cache": mx.get_cache_memory(),
-    }
 
 
 def peak_rss_bytes() -> int:
@@ -116,8 +104,6 @@ class Metrics:
         self.load_seconds = Gauge(
             "mlxd_model_load_seconds", "Seconds the last model load took", registry=registry
         )
-        self.mlx: dict[str, int] = {}
-        self._mlx_lock = threading.Lock()
         registry.register(_ScrapeTime(self, service, model_id, worker))
         self.service_observer = service_metrics(registry) if service_metrics else None
 
@@ -135,7 +121,6 @@ class Metrics:
     def loaded(self, seconds: float) -> None:
         self.loads.inc()
         self.load_seconds.set(seconds)
-        self._record_mlx()
 
     def finished(self, job: Job, result: Any, error: BaseException | None) -> None:
         outcome = (
@@ -147,12 +132,6 @@ class Metrics:
             self.job_seconds.observe((job.finished_at or job.started_at) - job.started_at)
         if error is None and self.service_observer is not None:
             self.service_observer(job, result)
-        self._record_mlx()
-
-    def _record_mlx(self) -> None:
-        memory = mlx_memory()
-        with self._mlx_lock:
-            self.mlx = memory
 
 
 class _ScrapeTime:
@@ -192,9 +171,9 @@ class _ScrapeTime:
             "Requests the model thread has taken and not finished",
             running,
         )
-        yield from self._memory()
+        yield from self._memory(worker)
 
-    def _memory(self) -> Iterator[Metric]:
+    def _memory(self, worker: ModelThread | None) -> Iterator[Metric]:
         yield _gauge(
             "mlxd_process_resident_memory_bytes",
             "Resident memory of the service process",
@@ -205,13 +184,15 @@ class _ScrapeTime:
             "Peak resident memory of the service process",
             peak_rss_bytes(),
         )
-        with self.metrics._mlx_lock:
-            mlx = dict(self.metrics.mlx)
-        for key, value in mlx.items():
+        if worker is None:
+            return
+        memory = worker.memory  # replaced whole by the model thread: a consistent snapshot
+        for key in ("active", "peak", "cache"):
             yield _gauge(
                 f"mlxd_mlx_{key}_memory_bytes",
-                f"MLX {key} memory, as the model thread read it after its last job or load",
-                value,
+                f"MLX {key} memory, as the model thread last read it (between jobs, after a "
+                "load or an unload)",
+                getattr(memory, key),
             )
 
 
