@@ -169,6 +169,15 @@ def optional_object(body: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
+def optional_array(body: dict[str, Any], name: str) -> list[Any]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise wrong_type(name, "an array", value)
+    return value
+
+
 def request_keep_alive(request: Request) -> object:
     """The request's `keep_alive` (JSON body or form field, as Ollama's): seconds the model
     stays loaded after it, None for forever, or SERVICE_KEEP_ALIVE when the request names none."""

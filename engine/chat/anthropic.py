@@ -24,7 +24,13 @@ from engine.chat.request import parse_request
 from engine.chat.response import Reply
 from engine.chat.types import ChatOutcome
 from engine.errors import ApiError, InvalidRequest
-from engine.validation import optional_bool, optional_number, parse_json_body, wrong_type
+from engine.validation import (
+    optional_array,
+    optional_bool,
+    optional_number,
+    parse_json_body,
+    wrong_type,
+)
 
 ROUTE_PREFIX = "/v1/messages"
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
@@ -47,10 +53,10 @@ def chat_body(body: dict[str, Any], *, for_count: bool = False) -> dict[str, Any
             if body.get(name) is not None:
                 out[name] = body[name]
         optional_number(body, "temperature", minimum=0, maximum=1)
-        out["stop"] = _stop_sequences(body.get("stop_sequences"))
+        out["stop"] = _stop_sequences(body)
     if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
         raise wrong_type("metadata", "an object", body["metadata"])
-    tools = _tools(body.get("tools"))
+    tools = _tools(body)
     if tools:
         out["tools"] = tools
     choice = _tool_choice(body.get("tool_choice"), tools)
@@ -231,13 +237,9 @@ def _tool_result(block: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
-def _tools(value: Any) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise wrong_type("tools", "an array", value)
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(value):
+    for i, tool in enumerate(optional_array(body, "tools")):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise InvalidRequest(f"tools[{i}] needs a string 'name'", param=f"tools[{i}]")
         if tool.get("type") not in (None, "custom"):
@@ -287,10 +289,9 @@ def _thinking(value: Any) -> bool | None:
     )
 
 
-def _stop_sequences(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+def _stop_sequences(body: dict[str, Any]) -> list[str]:
+    value = optional_array(body, "stop_sequences")
+    if not all(isinstance(s, str) for s in value):
         raise wrong_type("stop_sequences", "an array of strings", value)
     return value
 

@@ -30,7 +30,13 @@ from engine.chat.request import EFFORTS, parse_request
 from engine.chat.response import Reply
 from engine.chat.types import ChatOutcome
 from engine.errors import ApiError, InvalidRequest, NotFound
-from engine.validation import optional_bool, optional_number, parse_json_body, wrong_type
+from engine.validation import (
+    optional_array,
+    optional_bool,
+    optional_number,
+    parse_json_body,
+    wrong_type,
+)
 
 STORE_MAX_ITEMS = 1000
 STORE_MAX_BYTES = 256 * 1024 * 1024
@@ -203,13 +209,9 @@ def _function_output(item: dict[str, Any], where: str) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": call_id, "content": output}
 
 
-def _tools(value: Any) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise wrong_type("tools", "an array", value)
+def _tools(body: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for i, tool in enumerate(value):
+    for i, tool in enumerate(optional_array(body, "tools")):
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise InvalidRequest(
@@ -288,7 +290,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
     for name in ("temperature", "top_p", "seed"):
         if body.get(name) is not None:
             out[name] = body[name]
-    if tools := _tools(body.get("tools")):
+    if tools := _tools(body):
         out["tools"] = tools
     if (choice := _tool_choice(body.get("tool_choice"))) is not None:
         out["tool_choice"] = choice
