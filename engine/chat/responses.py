@@ -283,7 +283,10 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
     if instructions is not None and not isinstance(instructions, str):
         raise wrong_type("instructions", "a string", instructions)
     system = [{"role": "system", "content": instructions}] if instructions else []
-    out: dict[str, Any] = {"messages": system + history + input_messages(body["input"])}
+    given = input_messages(body["input"])
+    if not given:
+        raise InvalidRequest("'input' has no message or function call output", param="input")
+    out: dict[str, Any] = {"messages": system + history + given}
     max_tokens = optional_number(body, "max_output_tokens", minimum=1, integer=True)
     if max_tokens is not None:
         out["max_tokens"] = max_tokens

@@ -313,6 +313,9 @@ def test_responses_bad_input_is_an_openai_error(tmp_path) -> None:
         with pytest.raises(openai.BadRequestError) as missing:
             api.responses.create(model="m", input=None)
         assert missing.value.body["param"] == "input"
+        with pytest.raises(openai.BadRequestError) as empty:
+            api.responses.create(model="m", input=[])
+        assert empty.value.body["param"] == "input"
         with pytest.raises(openai.BadRequestError) as part:
             api.responses.create(
                 model="m", input=[{"role": "user", "content": [{"type": "input_file"}]}]
