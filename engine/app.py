@@ -23,6 +23,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import empty, raw
 from sanic.response import json as json_response
 
+from engine.accesslog import LoggedSanic, write_unhandled
 from engine.config import LOOPBACK_HOSTS, Config
 from engine.errors import (
     ApiError,
@@ -39,11 +40,11 @@ from engine.lifecycle import install as install_lifecycle
 from engine.memory import apply_limits, check_fits
 from engine.metrics import CONTENT_TYPE, Metrics, ServiceMetrics
 from engine.modelthread import ModelState, ModelThread, Policy
+from engine.shutdown import drain, health_problem
 from engine.store import ModelInfo, Store
 from engine.store.catalog import DEFAULT_IDS, Service
 
 log = logging.getLogger("mlxd.server")
-access_log = logging.getLogger("mlxd.access")
 
 PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
 
@@ -120,7 +121,9 @@ def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
 def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     """The app for one service."""
     service = spec.name
-    app = Sanic(f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False)
+    app = LoggedSanic(
+        f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False
+    )
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes(service)
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
     app.config.KEEP_ALIVE_TIMEOUT = 30
@@ -174,8 +177,7 @@ def _install_listeners(app: Sanic, spec: ServiceSpec, config: Config) -> None:
 
     @app.before_server_stop
     async def stop_model_thread(app: Sanic) -> None:
-        log.info("%s: shutting down", spec.name)
-        app.ctx.worker.stop(timeout=config.shutdown_timeout / 2)
+        await drain(app, spec.name, config.shutdown_timeout, config.stall_seconds)
 
 
 def _install_middleware(app: Sanic, config: Config) -> None:
@@ -185,7 +187,7 @@ def _install_middleware(app: Sanic, config: Config) -> None:
 
     @app.on_request(priority=100)
     async def start(request: Request) -> HTTPResponse | None:
-        request.ctx.started = time.monotonic()
+        request.ctx.started = getattr(request.ctx, "started", None) or time.monotonic()
         request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
         _check_host(request, allowed_hosts)
         _check_origin(request, config)
@@ -198,6 +200,7 @@ def _install_middleware(app: Sanic, config: Config) -> None:
     @app.on_response(priority=100)
     async def finish(request: Request, response: HTTPResponse) -> None:
         rid = getattr(request.ctx, "request_id", None) or uuid.uuid4().hex[:16]
+        request.ctx.request_id = rid
         response.headers["x-request-id"] = rid
         if origin := _cors_origin(request, config):
             response.headers["access-control-allow-origin"] = origin
@@ -210,9 +213,7 @@ def _install_middleware(app: Sanic, config: Config) -> None:
         ms = (time.monotonic() - started) * 1000 if started else 0.0
         route = request.uri_template if request.route is not None else "unmatched"
         app.ctx.metrics.observe_request(route, request.method, response.status, ms / 1000)
-        access_log.info(
-            "%s %s %s %.1fms id=%s", request.method, request.path, response.status, ms, rid
-        )
+        write_unhandled(request, response.status)
 
 
 _HOST = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?")
@@ -285,6 +286,8 @@ def common_routes() -> Blueprint:
     @bp.route("/v1/health", methods=["GET", "HEAD"], name="health_v1")
     async def health(request: Request) -> HTTPResponse:
         worker: ModelThread = request.app.ctx.worker
+        if problem := health_problem(worker, request.app.ctx.config.stall_seconds):
+            return json_response(problem, status=503)
         if worker.state is ModelState.READY:
             return json_response({"status": "ok"})
         if body := health_body(worker):  # idle-unloaded: the next request reloads it

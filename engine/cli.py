@@ -189,8 +189,8 @@ def cmd_serve(config: Config) -> int:
     from engine.supervisor import serve
     from engine.worker import setup_logging
 
-    setup_logging(config.log_level, "mlxd")
-    return serve(config)
+    log = setup_logging(config.log_level, "mlxd", config.log_file, config.log_max_mb)
+    return serve(config, log)
 
 
 def cmd_models(config: Config) -> int:

@@ -22,6 +22,7 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 MiB = 1024 * 1024
 CONFIG_ENV = "MLXD_SERVICE_CONFIG"  # a service process's Config as JSON (argv shows in `ps`)
+PROBE_AGENT = "mlxd-supervisor"  # User-Agent of the supervisor's /health probe (logged at DEBUG)
 
 
 class ConfigError(ValueError):
@@ -130,8 +131,19 @@ class Config:
         "bundled (MLX's own) or a library path",
         path=True,
     )
-    shutdown_timeout: float = setting(10.0, "seconds to finish work on SIGTERM")
+    shutdown_timeout: float = setting(
+        10.0, "seconds to finish running work on SIGTERM; what cannot finish is a 503"
+    )
+    stall_seconds: float = setting(
+        300.0,
+        "a model thread with work but no progress this long makes /health 503 stalled and is "
+        "restarted (0: never)",
+    )
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_file: str | None = setting(
+        None, "write the log to this file, rotated by size, instead of stderr", path=True
+    )
+    log_max_mb: int = setting(10, "size of the log file before it rotates (5 kept), MiB")
 
     def port(self, service: Service) -> int:
         return getattr(self, f"{service}_port")
@@ -246,6 +258,7 @@ def validate(config: Config) -> None:
             raise ConfigError(f"{name} must be 0 or more")
     _validate_stt(config)
     _validate_memory(config)
+    _validate_operations(config)
     if config.blas not in ("auto", "bundled") and not Path(config.blas).expanduser().is_file():
         raise ConfigError(f"blas: {config.blas} is not a file (auto, bundled or a library path)")
     if config.host not in LOOPBACK_HOSTS and not config.api_key:
@@ -264,6 +277,22 @@ def _validate_stt(config: Config) -> None:
         raise ConfigError(f"stt_language: {exc}") from None
     if not config.stt_time_limit_factor >= 0:
         raise ConfigError("stt_time_limit_factor must be 0 (no limit) or more")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _validate_operations(config: Config) -> None:
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            f"log_level: {config.log_level!r} is not a log level (one of {', '.join(LOG_LEVELS)})"
+        )
+    if not config.shutdown_timeout >= 0:
+        raise ConfigError("shutdown_timeout must be 0 or more seconds")
+    if not config.stall_seconds >= 0:
+        raise ConfigError("stall_seconds must be 0 (never) or more seconds")
+    if config.log_max_mb < 1:
+        raise ConfigError("log_max_mb must be at least 1")
 
 
 def _validate_memory(config: Config) -> None:

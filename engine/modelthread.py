@@ -43,6 +43,18 @@ class Cancelled(Exception):
     """Raised inside a policy when its job was cancelled (client gone or shutdown)."""
 
 
+SHUTDOWN_RETRY_AFTER_S = 5
+
+
+def shutting_down() -> Unavailable:
+    """What a request the service cannot finish before it stops is told."""
+    return Unavailable(
+        "Server is shutting down; retry shortly",
+        code="shutting_down",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
+
+
 @dataclass(eq=False)
 class Job:
     payload: Any
@@ -54,6 +66,7 @@ class Job:
     finished: bool = False  # set on the model thread by `finish`
     load_ms: float | None = None  # the reload this job waited for, if any
     observer: Observer | None = None
+    progress: Callable[[], None] | None = None  # the model thread's heartbeat
     started_at: float | None = None  # taken by the policy
     finished_at: float | None = None
     # Each stream event with the time the model thread sent it (for the observer's timings).
@@ -72,11 +85,15 @@ class Job:
 
     def emit(self, item: Any) -> None:
         """Send a stream event to the waiting handler (model thread side)."""
+        if self.progress is not None:
+            self.progress()
         if self.events is not None:
             self.timeline.append((time.monotonic(), item))
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        if self.progress is not None:
+            self.progress()
         self.finished = True
         self.finished_at = time.monotonic()
         self.loop.call_soon_threadsafe(self._settle, result, error)
@@ -95,6 +112,12 @@ class Job:
             self.future.set_exception(error)
         else:
             self.future.set_result(result)
+
+    def answer_now(self, error: BaseException) -> None:
+        """Answer the waiting request with `error` at once, whatever the model thread still does
+        with the job (event loop only; a later `finish` is ignored)."""
+        self.cancel()
+        self._settle(None, error)
 
     async def result(self) -> Any:
         """Wait for the result; if the waiting request is cancelled, cancel the job too."""
@@ -140,6 +163,8 @@ class Outbox:
         self._items: list[tuple[Job, Any]] = []
 
     def emit(self, job: Job, item: Any) -> None:
+        if job.progress is not None:
+            job.progress()
         if job.events is not None:
             job.timeline.append((time.monotonic(), item))
             self._items.append((job, item))
@@ -218,6 +243,8 @@ class ModelThread:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self.draining = False  # shutdown: new jobs refused, running ones finish
+        self.progress_at = time.monotonic()  # the model thread's last sign of progress
         self._thread = threading.Thread(target=self._main, name=f"mlxd-model-{name}", daemon=True)
 
     # ---- event-loop side -------------------------------------------------------------------
@@ -265,21 +292,54 @@ class ModelThread:
         loop = asyncio.get_running_loop()
         job = Job(payload, loop, loop.create_future(), asyncio.Queue() if stream else None)
         job.observer = self.observer
+        job.progress = self._beat
         with self._cond:
-            if self._stopping:
-                raise Unavailable("Server is shutting down", code="shutting_down")
+            if self._stopping or self.draining:
+                raise shutting_down()
             if self._pending() >= self.queue_size:
                 raise Unavailable(
                     f"Server busy: {self.queue_size} requests are already queued; retry shortly",
                     code="queue_full",
                     headers={"Retry-After": "1"},
                 )
+            if not self._pending():  # the stall clock starts when work arrives
+                self.progress_at = time.monotonic()
             self._queue.append(job)
             self.accepted += 1
             self.idle_since = None
             self.idle_after = self.keep_alive if keep_alive is SERVICE_KEEP_ALIVE else keep_alive
             self._cond.notify()
         return job
+
+    def stalled_for(self) -> float:
+        """Seconds the loaded model has made no progress while jobs wait on it (0: none wait,
+        or the model is not loaded)."""
+        with self._cond:
+            busy = self._pending() > 0
+        if not busy or self.state is not ModelState.READY:
+            return 0.0
+        return max(0.0, time.monotonic() - self.progress_at)
+
+    def begin_drain(self) -> None:
+        """Shutdown's first step (event loop): refuse new jobs, answer the queued ones with a
+        503, let the running ones finish."""
+        with self._cond:
+            self.draining = True
+            queued, self._queue = list(self._queue), deque()
+        for job in queued:
+            job.cancel()
+            job.finish(error=shutting_down())
+
+    def abort(self) -> None:
+        """Shutdown's last step (event loop): answer every unfinished job with a 503 now and
+        stop the model thread, which drops the work at its next step."""
+        with self._cond:
+            self._stopping = True
+            jobs = [*self._queue, *self._running]
+            self._cond.notify_all()
+        for job in jobs:
+            if not job.finished:
+                job.answer_now(shutting_down())
 
     def stop(self, timeout: float) -> None:
         """Cancel queued and running work and wait (bounded) for the model thread to finish."""
@@ -292,8 +352,12 @@ class ModelThread:
 
     # ---- model-thread side (the Inbox) -----------------------------------------------------
 
+    def _beat(self) -> None:
+        self.progress_at = time.monotonic()
+
     def wait(self, block: bool = True) -> bool:
         """Also False (with `_idle` set) once a loaded model has waited past its keep-alive."""
+        self._beat()
         self.memory = mlx_memory()
         with self._cond:
             while block and not self._queue and not self._stopping:
@@ -308,6 +372,7 @@ class ModelThread:
 
     def take(self, fits: Fits | None = None, *, limit: int | None = None) -> list[Job]:
         taken: list[Job] = []
+        self._beat()
         with self._cond:
             self._running = [job for job in self._running if not job.finished]
             if self._stopping:
@@ -333,7 +398,7 @@ class ModelThread:
             self._unload()
             loaded = self.wait() and self._load_model()  # unloaded: waits for a request
         if self._stopping or loaded:
-            error = Unavailable("Server is shutting down", code="shutting_down")
+            error = shutting_down()
         else:  # a reload failed: the requests that waited for it are told why
             error = Unavailable(self.message, code="model_unavailable")
         self._fail_running(error)

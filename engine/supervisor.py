@@ -10,17 +10,21 @@ so that launchd's KeepAlive restarts it.
 from __future__ import annotations
 
 import errno
+import http.client
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 from engine.blas import worker_environment
-from engine.config import CONFIG_ENV, Config, Service, serve_flags
+from engine.config import CONFIG_ENV, PROBE_AGENT, Config, Service, serve_flags
+from engine.logfile import RotatingLog
 
 log = logging.getLogger("mlxd.supervisor")
 
@@ -29,6 +33,9 @@ BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds of uptime after which the backoff resets
 MAX_CRASHES = 5  # within CRASH_WINDOW seconds, then give up and exit non-zero
 CRASH_WINDOW = 120.0
+PROBE_TIMEOUT = 2.0
+PROBE_EVERY_MAX = 15.0
+STALL_PROBES = 2  # consecutive "stalled" answers before the process is restarted
 
 
 @dataclass(frozen=True)
@@ -90,13 +97,18 @@ class ServiceProcess:
     backoff: float = BACKOFF_START
     restart_at: float | None = None
     crashes: list[float] = field(default_factory=list)
+    next_probe: float = 0.0
+    stalled_probes: int = 0
+    kill_at: float | None = None  # a stalled process told to stop is killed at this time
 
 
 class Supervisor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log: RotatingLog | None = None) -> None:
         self.config = config
+        self.log = log  # --log-file: the services' output is copied into it
         self.services: list[ServiceProcess] = []
         self._stopping = False
+        self._relays: list[threading.Thread] = []
 
     def bind_all(self) -> None:
         """Bind every service's port; if any is taken, close them all and name every one."""
@@ -121,15 +133,25 @@ class Supervisor:
         env = worker_environment(os.environ, self.config.blas)
         env |= {CONFIG_ENV: self.config.to_json(), "PYTHONUNBUFFERED": "1"}
         fd = entry.sock.fileno()
+        output = subprocess.PIPE if self.log is not None else None
         entry.process = subprocess.Popen(
-            [sys.executable, "-m", "engine.worker", entry.service, str(fd)],
+            self.worker_command(entry.service, fd),
             pass_fds=(fd,),
             env=env,
             stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
         )
+        if self.log is not None and entry.process.stdout is not None:
+            self._relays.append(self.log.relay(entry.process.stdout))
         entry.started_at = time.monotonic()
         entry.restart_at = None
+        entry.next_probe = entry.started_at + self.probe_every()
+        entry.stalled_probes, entry.kill_at = 0, None
         log.info("%s: started process %d", entry.service, entry.process.pid)
+
+    def worker_command(self, service: Service, fd: int) -> list[str]:
+        return [sys.executable, "-m", "engine.worker", service, str(fd)]
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit 0) or until a service keeps crashing (exit 1)."""
@@ -169,6 +191,8 @@ class Supervisor:
             return True
         assert entry.process is not None
         code = entry.process.poll()
+        if code is None and not self._stopping:
+            self._watch_stall(entry, now)
         if code is None or self._stopping:
             return True
         if now - entry.started_at > STABLE_AFTER:
@@ -193,14 +217,48 @@ class Supervisor:
         entry.backoff = min(entry.backoff * 2, BACKOFF_MAX)
         return True
 
+    def probe_every(self) -> float:
+        return min(PROBE_EVERY_MAX, max(0.5, self.config.stall_seconds / 4))
+
+    def _watch_stall(self, entry: ServiceProcess, now: float) -> None:
+        """Ask a running service's /health now and then; one whose model thread stays
+        stalled is told to stop (its requests are answered 503), killed if it does not, and
+        restarted like a crashed one."""
+        assert entry.process is not None
+        if entry.kill_at is not None:
+            if now >= entry.kill_at:
+                log.warning(
+                    "%s: stalled process %d did not stop; killing it",
+                    entry.service,
+                    entry.process.pid,
+                )
+                entry.process.kill()
+            return
+        if self.config.stall_seconds <= 0 or now < entry.next_probe:
+            return
+        entry.next_probe = now + self.probe_every()
+        stalled = health_status(entry.sock, self.config.host) == "stalled"
+        entry.stalled_probes = entry.stalled_probes + 1 if stalled else 0
+        if entry.stalled_probes >= STALL_PROBES:
+            log.error(
+                "%s: the model thread has made no progress on a job for %g s (--stall-seconds); "
+                "restarting the process",
+                entry.service,
+                self.config.stall_seconds,
+            )
+            entry.process.send_signal(signal.SIGTERM)
+            entry.kill_at = now + self.config.shutdown_timeout
+
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stopping = True
 
     def shutdown(self) -> None:
+        """Each service drains within the shutdown timeout (engine/shutdown.py); one that has
+        not exited by then is killed."""
         running = [e.process for e in self.services if e.process and e.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.config.shutdown_timeout + 3
+        deadline = time.monotonic() + self.config.shutdown_timeout
         for process in running:
             try:
                 process.wait(max(0.1, deadline - time.monotonic()))
@@ -209,14 +267,31 @@ class Supervisor:
                 process.kill()
                 process.wait()
         self.close_sockets()
+        for relay in self._relays:
+            relay.join(1.0)
 
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def serve(config: Config) -> int:
-    supervisor = Supervisor(config)
+def health_status(sock: socket.socket, host: str) -> str | None:
+    """The `status` a service's /health answers (None: no answer in time)."""
+    address, port = sock.getsockname()[:2]
+    if address in ("0.0.0.0", "::"):
+        address = "127.0.0.1" if address == "0.0.0.0" else "::1"
+    connection = http.client.HTTPConnection(address, port, timeout=PROBE_TIMEOUT)
+    try:
+        connection.request("GET", "/health", headers={"User-Agent": PROBE_AGENT})
+        return json.loads(connection.getresponse().read()).get("status")
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+
+
+def serve(config: Config, log_file: RotatingLog | None = None) -> int:
+    supervisor = Supervisor(config, log_file)
     try:
         supervisor.bind_all()
     except PortInUse as exc:

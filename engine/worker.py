@@ -17,19 +17,24 @@ import time
 from engine import services
 from engine.app import create_app
 from engine.config import CONFIG_ENV, Config
+from engine.logfile import RotatingLog, open_log
 from engine.store.catalog import SERVICES
 
 SWITCH_INTERVAL_S = 0.0005
 
 
-def setup_logging(level: str, service: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(
+    level: str, service: str, log_file: str | None = None, max_mb: int = 10
+) -> RotatingLog | None:
+    """Log to stderr, or (the supervisor with --log-file) to a size-rotated file, returned."""
+    fmt = f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"
+    rotating = open_log(log_file, max_mb, fmt) if log_file else None
+    handler = rotating or logging.StreamHandler(sys.stderr)
+    handler.setFormatter(rotating.formatter if rotating else logging.Formatter(fmt))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
     for noisy in ("sanic.root", "sanic.server", "sanic.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return rotating
 
 
 def exit_with_parent(interval: float = 1.0) -> None:
@@ -62,5 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit without waiting on the model thread, which may still be inside a long MLX call
+    when shutdown has answered its requests."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_now(main())
