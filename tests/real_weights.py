@@ -171,3 +171,24 @@ def gemma3_270m_mlx() -> Path:
     gemma.convert(source, partial, quantization=None, dtype="float32")
     partial.rename(dest)
     return dest
+
+
+# ----------------------------------------------------------------------------- Silero VAD
+# The `silero-vad` wheel ships silero_vad_16k.safetensors (the 16 kHz network, PyTorch layout)
+# next to its TorchScript model, whose graph serves as the reference.
+
+
+def silero_vad_16k() -> Path:
+    """The package's silero_vad_16k.safetensors (read-only: convert from it)."""
+    try:
+        from importlib.resources import files
+
+        path = Path(str(files("silero_vad.data").joinpath("silero_vad_16k.safetensors")))
+    except ImportError:
+        path = None
+    if path is None or not path.is_file():
+        message = "pip install silero-vad==6.2.3 for the real Silero VAD weights"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
