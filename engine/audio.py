@@ -2,17 +2,23 @@
 
 WAV, MP3, FLAC and Ogg Vorbis are decoded in-process with miniaudio at their native rate,
 down-mixed, then resampled with a polyphase filter (scipy.signal.resample_poly). Everything
-else (m4a/mp4, webm, Ogg Opus, AIFF, ...) goes through the ffmpeg binary when one is given.
+else (m4a/mp4, webm, Ogg Opus, AIFF, ...) goes through the ffmpeg binary when one is given, its
+output read in chunks straight into one float32 buffer (sized from the probed duration), so
+decoding peaks near the float32 size of the samples.
 The container is sniffed from the leading bytes; the filename is only used in messages.
+Audio longer than `max_seconds` is refused from the file's header before anything is decoded
+where the header says its length, else as soon as the decoder passes the limit.
 No MLX here. Every failure is an `AudioError` with a message fit for the client.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from math import gcd
 from pathlib import Path
 
@@ -22,6 +28,9 @@ import numpy as np
 SAMPLE_RATE = 16_000
 MIN_SAMPLES = SAMPLE_RATE // 100  # 10 ms: anything shorter is a broken file, not speech
 FFMPEG_TIMEOUT_S = 600.0
+MAX_AUDIO_SECONDS = 4 * 3600.0  # the default of --stt-max-audio-seconds
+_CHUNK_BYTES = 1 << 20  # ffmpeg output read per step: 64 Ki stereo float32 frames
+_DURATION = re.compile(rb"Duration: (\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
 _EXTRA_FFMPEG_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
 _IN_PROCESS = ("wav", "wav (RF64)", "mp3", "flac", "ogg/vorbis")
 _NOT_AUDIO = {
@@ -36,6 +45,18 @@ _NEEDS_FFMPEG_HINT = "install it (brew install ffmpeg) or send WAV, MP3, FLAC or
 
 class AudioError(ValueError):
     """Audio the server cannot use; the message is meant for the client (HTTP 400)."""
+
+
+class AudioTooLong(AudioError):
+    """Audio over the length limit, found from its header or while decoding (HTTP 413)."""
+
+    def __init__(self, label: str, seconds: float, limit_s: float, *, at_least: bool) -> None:
+        length = f"at least {seconds:.1f} s" if at_least else f"{seconds:.1f} s"
+        super().__init__(
+            f"the audio{label} is {length} long, over this server's limit of {limit_s:g} s"
+        )
+        self.seconds = seconds
+        self.limit_s = limit_s
 
 
 def audio_duration_s(samples: np.ndarray) -> float:
@@ -56,22 +77,29 @@ def find_ffmpeg() -> str | None:
 
 
 def decode_audio(
-    data: bytes, *, filename: str | None = None, ffmpeg: str | None = None
+    data: bytes,
+    *,
+    filename: str | None = None,
+    ffmpeg: str | None = None,
+    max_seconds: float | None = MAX_AUDIO_SECONDS,
 ) -> np.ndarray:
     """Decode an uploaded file to float32 mono samples at 16 kHz.
 
-    Raises AudioError (a ValueError) for empty, zero-length, corrupt, non-audio or
-    unsupported input; never lets a decoder's own exception escape.
+    Raises AudioTooLong past `max_seconds` (None or 0: no limit), AudioError (a ValueError) for
+    empty, zero-length, corrupt, non-audio or unsupported input; never lets a decoder's own
+    exception escape.
     """
     label = f" ({filename})" if filename else ""
     if not data:
         raise AudioError(f"the audio file{label} is empty")
     kind = sniff_format(data)
+    limit = _Limit(label, max_seconds or None)
     try:
         if kind in _IN_PROCESS:
+            limit.check(_in_process_seconds(data, kind))
             samples = _decode_in_process(data, kind, label)
         else:
-            samples = _decode_with_ffmpeg(data, kind, label, ffmpeg)
+            samples = _decode_with_ffmpeg(data, kind, label, ffmpeg, limit)
     except AudioError:
         raise
     except Exception as exc:  # a decoder fault must become a client error, never a 500
@@ -81,7 +109,38 @@ def decode_audio(
     if samples.size < MIN_SAMPLES:
         ms = samples.size * 1000 / SAMPLE_RATE
         raise AudioError(f"the {kind} audio{label} is {ms:.1f} ms long: truncated or corrupt")
+    limit.check(audio_duration_s(samples))
     return samples
+
+
+class _Limit:
+    """The length limit of one decode (None: none)."""
+
+    def __init__(self, label: str, seconds: float | None) -> None:
+        self.label = label
+        self.seconds = seconds
+        self.samples = None if seconds is None else int(seconds * SAMPLE_RATE)
+
+    def check(self, seconds: float | None, *, at_least: bool = False) -> None:
+        if self.seconds is not None and seconds is not None and seconds > self.seconds:
+            raise AudioTooLong(self.label, seconds, self.seconds, at_least=at_least)
+
+
+def _in_process_seconds(data: bytes, kind: str) -> float | None:
+    """The length the header gives (MP3: counted frame by frame, nothing kept); None if the
+    header cannot be read (decoding then says what is wrong)."""
+    info = {
+        "mp3": miniaudio.mp3_get_info,
+        "flac": miniaudio.flac_get_info,
+        "ogg/vorbis": miniaudio.vorbis_get_info,
+    }.get(kind, miniaudio.wav_get_info)
+    try:
+        found = info(data)
+    except miniaudio.MiniaudioError:
+        return None
+    if found.sample_rate <= 0:
+        return None
+    return found.num_frames / found.sample_rate
 
 
 def sniff_format(data: bytes) -> str:
@@ -210,7 +269,9 @@ def _resample(x: np.ndarray, rate: int) -> np.ndarray:
     return resample_poly(x, up, down, window=taps)
 
 
-def _decode_with_ffmpeg(data: bytes, kind: str, label: str, ffmpeg: str | None) -> np.ndarray:
+def _decode_with_ffmpeg(
+    data: bytes, kind: str, label: str, ffmpeg: str | None, limit: _Limit
+) -> np.ndarray:
     if kind.startswith(("a ", "an ")):
         raise AudioError(f"the uploaded file{label} is {kind}, not audio")
     if ffmpeg is None:
@@ -225,30 +286,92 @@ def _decode_with_ffmpeg(data: bytes, kind: str, label: str, ffmpeg: str | None) 
     with tempfile.TemporaryDirectory(prefix="mlxd-audio-") as tmp:
         src = Path(tmp) / "input"
         src.write_bytes(data)
-        raw = _run_ffmpeg(ffmpeg, src, kind, label)
-    # Stereo out, averaged here: the same (L+R)/2 mix as in-process decoding. (`-ac 1` would
-    # sum at +3 dB, so a loud stereo file would clip.)
-    stereo = np.frombuffer(raw[: len(raw) // 8 * 8], dtype="<f4").reshape(-1, 2)
-    return stereo.mean(axis=1, dtype=np.float64).astype(np.float32)
+        seconds = _probe_seconds(ffmpeg, src)
+        limit.check(seconds)
+        return _FfmpegDecode(ffmpeg, src, kind, label, limit).run(seconds)
 
 
-def _run_ffmpeg(ffmpeg: str, src: Path, kind: str, label: str) -> bytes:
-    cmd = [
-        ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
-        "-i", str(src), "-vn", "-f", "f32le", "-acodec", "pcm_f32le",
-        "-ac", "2", "-ar", str(SAMPLE_RATE), "pipe:1",
-    ]  # fmt: skip
+def _probe_seconds(ffmpeg: str, src: Path) -> float | None:
+    """The duration ffmpeg reads from the container's header (Ogg: the last page's position),
+    without decoding; None when it does not say."""
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-i", str(src)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S, check=False)
-    except FileNotFoundError as exc:
-        raise AudioError(f"{kind} audio needs ffmpeg, which was not found at {ffmpeg}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise AudioError(f"decoding the {kind} audio{label} took too long") from exc
-    if proc.returncode != 0:
-        reason = _last_line(proc.stderr, str(src)) or f"ffmpeg exited with status {proc.returncode}"
-        what = "file" if kind == "unknown" else f"{kind} audio"
-        raise AudioError(f"could not decode the {what}{label}: {reason}")
-    return proc.stdout
+        proc = subprocess.run(cmd, capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = _DURATION.search(proc.stderr)
+    if match is None:
+        return None
+    hours, minutes, seconds = match.groups()
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+class _FfmpegDecode:
+    """One ffmpeg run, its output mixed to mono chunk by chunk into a float32 buffer."""
+
+    def __init__(self, ffmpeg: str, src: Path, kind: str, label: str, limit: _Limit) -> None:
+        self.ffmpeg, self.src, self.kind, self.label, self.limit = ffmpeg, src, kind, label, limit
+        self.timed_out = False
+
+    def run(self, seconds: float | None) -> np.ndarray:
+        # Stereo out, averaged here: the same (L+R)/2 mix as in-process decoding. (`-ac 1` would
+        # sum at +3 dB, so a loud stereo file would clip.)
+        cmd = [
+            self.ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0",
+            "-i", str(self.src), "-vn", "-f", "f32le", "-acodec", "pcm_f32le",
+            "-ac", "2", "-ar", str(SAMPLE_RATE), "pipe:1",
+        ]  # fmt: skip
+        with tempfile.TemporaryFile() as errors:
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors)
+            except FileNotFoundError as exc:
+                message = f"{self.kind} audio needs ffmpeg, which was not found at {self.ffmpeg}"
+                raise AudioError(message) from exc
+            timer = threading.Timer(FFMPEG_TIMEOUT_S, self._expire, (proc,))
+            timer.start()
+            try:
+                samples = self._read(proc, _capacity(seconds, self.limit.samples))
+            finally:
+                timer.cancel()
+                proc.kill()
+                proc.wait()
+            if self.timed_out:
+                raise AudioError(f"decoding the {self.kind} audio{self.label} took too long")
+            errors.seek(0)
+            self._check_exit(proc.returncode, errors.read())
+        return samples
+
+    def _expire(self, proc: subprocess.Popen) -> None:
+        self.timed_out = True
+        proc.kill()
+
+    def _read(self, proc: subprocess.Popen, capacity: int) -> np.ndarray:
+        out = np.empty(capacity, np.float32)
+        size = 0
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(_CHUNK_BYTES):
+            stereo = np.frombuffer(chunk[: len(chunk) // 8 * 8], dtype="<f4").reshape(-1, 2)
+            if self.limit.samples is not None and size + len(stereo) > self.limit.samples:
+                seconds = (size + len(stereo)) / SAMPLE_RATE
+                self.limit.check(seconds, at_least=True)
+            if size + len(stereo) > out.size:
+                out = np.resize(out, max(size + len(stereo), out.size + out.size // 4))
+            out[size : size + len(stereo)] = stereo.mean(axis=1, dtype=np.float64)
+            size += len(stereo)
+        proc.wait()
+        return out[:size]  # a view: copying would double the peak for a second's slack
+
+    def _check_exit(self, code: int, stderr: bytes) -> None:
+        if code != 0:
+            reason = _last_line(stderr, str(self.src)) or f"ffmpeg exited with status {code}"
+            what = "file" if self.kind == "unknown" else f"{self.kind} audio"
+            raise AudioError(f"could not decode the {what}{self.label}: {reason}")
+
+
+def _capacity(seconds: float | None, limit: int | None) -> int:
+    """Samples to allocate up front: the probed length and a second, within the limit."""
+    guess = int(((seconds or 0.0) + 1.0) * SAMPLE_RATE) if seconds else 60 * SAMPLE_RATE
+    return min(guess, limit + 1) if limit is not None else guess
 
 
 def _last_line(stderr: bytes, src: str) -> str:

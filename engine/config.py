@@ -87,10 +87,20 @@ class Config:
     stt_time_limit_factor: float = setting(
         0.0, "speech time limit: model seconds per audio second, at least 60 s (0: none)"
     )
+    stt_max_audio_seconds: float = setting(
+        14400.0,
+        "longest audio a speech request may hold, seconds (4 h; read from the file's header "
+        "before decoding where it says; 0: no limit)",
+        metavar="SECONDS",
+    )
     chat_allow_image_urls: bool = setting(
         False,
         "let chat fetch http(s) image URLs (off: base64 data: URLs only)",
         flag="--allow-image-urls",
+    )
+    chat_max_images: int = setting(32, "images in one chat request")
+    chat_max_image_pixels: int = setting(
+        100_000_000, "pixels of all a chat request's images together (each is decoded to RGB)"
     )
     chat_batch: int = setting(
         8,
@@ -250,6 +260,8 @@ def validate(config: Config) -> None:
         "embeddings_batch_tokens",
         "chat_batch",
         "chat_prefill_chunk",
+        "chat_max_images",
+        "chat_max_image_pixels",
     ):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")
@@ -277,6 +289,8 @@ def _validate_stt(config: Config) -> None:
         raise ConfigError(f"stt_language: {exc}") from None
     if not config.stt_time_limit_factor >= 0:
         raise ConfigError("stt_time_limit_factor must be 0 (no limit) or more")
+    if not config.stt_max_audio_seconds >= 0:
+        raise ConfigError("stt_max_audio_seconds must be 0 (no limit) or more")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

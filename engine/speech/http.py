@@ -1,7 +1,8 @@
 """Speech-to-text service (port 8082): whisper.cpp's `POST /inference` and OpenAI's
 `/v1/audio/transcriptions` and `/v1/audio/translations`.
 
-Handlers parse the form, decode the audio (in a thread), queue one job and format its result;
+Handlers parse the form (a large one in a thread), take the request's queue slot, decode the
+audio (in a thread, within --stt-max-audio-seconds), queue one job and format its result;
 the job (`transcribe_job`) runs on the model thread. Response shapes follow whisper-server
 (json text lines, srt/vtt cues, verbose_json fields and order, 60-byte segment wrapping) and
 OpenAI's audio API respectively. See README "Speech-to-text" for the field-by-field mapping.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 from dataclasses import replace
 from typing import Any
 
@@ -20,10 +19,10 @@ import numpy as np
 from sanic import Blueprint, HTTPResponse, Request
 
 from engine.app import ServiceSpec, resolve_requested_model
-from engine.audio import SAMPLE_RATE, AudioError, decode_audio, find_ffmpeg
+from engine.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_audio, find_ffmpeg
 from engine.config import Config
 from engine.errors import ClientClosed, InvalidRequest
-from engine.lifecycle import submit
+from engine.lifecycle import admitted, result, submit
 from engine.speech import decode, metrics
 from engine.speech.request import (
     Fields,
@@ -40,7 +39,14 @@ from engine.store import ModelInfo
 log = logging.getLogger("mlxd.stt")
 bp = Blueprint("stt")
 
-DISCONNECT_POLL_S = 0.25
+LARGE_BODY_BYTES = 1 << 20  # forms past this are parsed off the event loop
+
+
+async def parse_form(request: Request) -> None:
+    """Parse the multipart form once (Sanic caches it), a large one in a thread so that the
+    event loop keeps answering meanwhile."""
+    if len(request.body or b"") > LARGE_BODY_BYTES:
+        await asyncio.get_running_loop().run_in_executor(None, lambda: request.form)
 
 
 async def read_audio(request: Request) -> np.ndarray:
@@ -53,59 +59,49 @@ async def read_audio(request: Request) -> np.ndarray:
             )
         raise InvalidRequest("Missing required field 'file'", param="file", code="missing_field")
     upload = request.files.get("file")
+    limit = request.app.ctx.config.stt_max_audio_seconds
     loop = asyncio.get_running_loop()
     try:
         return await loop.run_in_executor(
-            None, lambda: decode_audio(upload.body, filename=upload.name, ffmpeg=find_ffmpeg())
+            None,
+            lambda: decode_audio(
+                upload.body, filename=upload.name, ffmpeg=find_ffmpeg(), max_seconds=limit
+            ),
         )
+    except AudioTooLong as exc:
+        raise InvalidRequest(
+            f"{exc} (--stt-max-audio-seconds)",
+            param="file",
+            code="audio_too_long",
+            status=413,
+            extra={"audio_seconds": round(exc.seconds, 3), "max_audio_seconds": exc.limit_s},
+        ) from None
     except AudioError as exc:
         raise InvalidRequest(str(exc), param="file", code="invalid_audio") from None
 
 
 async def run_job(request: Request, payload: SttJob) -> dict:
-    """Queue the job and wait. A client that goes away cancels it: the work stops at the next
-    window and the request ends as a 499 (logged; nobody reads it)."""
+    """Queue the job and wait; a client that goes away cancels it at the next window (499)."""
     job = submit(request, payload)
     try:
-        while not (await asyncio.wait({job.future}, timeout=DISCONNECT_POLL_S))[0]:
-            if peer_gone(request):
-                break
-        else:
-            return job.future.result()
-    except asyncio.CancelledError:
-        pass
-    job.cancel()
-    seconds = len(payload.audio) / SAMPLE_RATE
-    log.info("stt: client disconnected; cancelling its %.1f s transcription (499)", seconds)
-    raise ClientClosed("Client closed the request", code="client_closed")
-
-
-def peer_gone(request: Request) -> bool:
-    """Has the client closed its connection? Sanic stops reading after a large body, so the
-    closed socket goes unnoticed: peek at it (non-blocking; EOF reads as b"")."""
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        return True
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return False
-    try:
-        with socket.socket(fileno=os.dup(sock.fileno())) as probe:
-            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
+        return await result(request, job, "transcription")
+    except ClientClosed:
+        seconds = len(payload.audio) / SAMPLE_RATE
+        log.info("stt: client disconnected; cancelling its %.1f s transcription (499)", seconds)
+        raise
 
 
 async def _prepare(request: Request) -> np.ndarray:
-    request.app.ctx.worker.ensure_ready()
+    """The decoded upload, once the request holds its queue slot (a full queue is a 503 before
+    anything is decoded)."""
     resolve_requested_model(request, Fields(request).text("model") or None)
-    return await read_audio(request)
+    with admitted(request):
+        return await read_audio(request)
 
 
 @bp.post("/inference")
 async def inference(request: Request) -> HTTPResponse:
+    await parse_form(request)
     fields = Fields(request)
     options, layout, (offset_ms, duration_ms) = inference_options(fields, request.app.ctx.config)
     audio = await _prepare(request)
@@ -138,6 +134,7 @@ async def translations(request: Request) -> HTTPResponse:
 
 
 async def _openai(request: Request, task: str) -> HTTPResponse:
+    await parse_form(request)
     options, layout = openai_options(Fields(request), task)
     audio = await _prepare(request)
     seconds = len(audio) / SAMPLE_RATE

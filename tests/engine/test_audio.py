@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.audio import AudioError, audio_duration_s, decode_audio, find_ffmpeg, sniff_format
+from engine import audio
+from engine.audio import (
+    AudioError,
+    AudioTooLong,
+    audio_duration_s,
+    decode_audio,
+    find_ffmpeg,
+    sniff_format,
+)
 from tests.conftest import require_tool
 from tests.wav_files import float_wav, int_wav
 
@@ -181,3 +189,42 @@ def test_missing_ffmpeg_binary_is_audio_error() -> None:
     fake_m4a = b"\x00\x00\x00\x20ftypM4A \x00\x00\x02\x00" + bytes(64)
     with pytest.raises(AudioError, match="needs ffmpeg"):
         decode_audio(fake_m4a, ffmpeg="/nonexistent/ffmpeg")
+
+
+# ---- the length limit, before decoding -------------------------------------------------------
+
+
+def _refuse_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def decoded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the audio was decoded")
+
+    monkeypatch.setattr(audio, "_decode_in_process", decoded)
+    monkeypatch.setattr(audio._FfmpegDecode, "run", decoded)
+
+
+@pytest.mark.parametrize("ext", ["wav", "mp3", "flac", "ogg", "opus"])
+def test_over_the_limit_is_refused_from_the_header(
+    encoded: dict[str, bytes], ext: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = int_wav(_sine(44_100, 1.0), 44_100, 2) if ext == "wav" else encoded[ext]
+    _refuse_decoding(monkeypatch)
+    with pytest.raises(AudioTooLong) as err:
+        decode_audio(data, filename=f"a.{ext}", ffmpeg=find_ffmpeg(), max_seconds=0.5)
+    assert err.value.seconds == pytest.approx(1.0, abs=0.1) and err.value.limit_s == 0.5
+    assert f"(a.{ext}) is 1.0 s long, over this server's limit of 0.5 s" in str(err.value)
+
+
+def test_a_header_without_a_length_stops_the_decoder_at_the_limit(
+    encoded: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audio, "_probe_seconds", lambda ffmpeg, src: None)
+    monkeypatch.setattr(audio, "_CHUNK_BYTES", 8 * 1024)
+    with pytest.raises(AudioTooLong, match=r"is at least 0\.\d s long"):
+        decode_audio(encoded["opus"], ffmpeg=find_ffmpeg(), max_seconds=0.3)
+    full = decode_audio(encoded["opus"], ffmpeg=find_ffmpeg(), max_seconds=None)
+    _assert_sine(full, 1.0, 0.05)  # read in many small chunks, the same tone
+
+
+def test_within_the_limit_decodes(encoded: dict[str, bytes]) -> None:
+    for ext in ("flac", "opus"):
+        _assert_sine(decode_audio(encoded[ext], ffmpeg=find_ffmpeg(), max_seconds=1.5), 1.0, 0.05)

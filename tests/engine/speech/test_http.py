@@ -6,6 +6,7 @@ shapes, timing and plumbing are what is checked here (tests/engine/test_stt_real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import threading
@@ -428,3 +429,68 @@ def test_client_disconnect_stops_the_work(server: Server) -> None:
     server.wait_for(lambda: "POST /inference 499" in server.log(), 10, "the 499 access line")
     server.wait_for(lambda: "transcription cancelled after" in server.log(), 20, "the cancellation")
     assert inference(server, wav(noise(1.0))).status_code == 200
+
+
+# ---- budgets: the audio length limit and admission before decoding ----------------------------
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory, tiny_whisper: Path) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("stt-tight")
+    flags = ("--queue-size", "1", "--stt-max-audio-seconds", "300")
+    yield from serve_one(tmp, "stt", tiny_whisper, *flags)
+
+
+def test_audio_over_the_limit_is_413_naming_both_lengths(tight: Server, tmp_path: Path) -> None:
+    ffmpeg = require_tool("ffmpeg")
+    src = tmp_path / "long.opus"
+    subprocess.run(
+        [ffmpeg, "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "sine=f=440:r=48000",
+         "-t", "600", "-c:a", "libopus", "-b:a", "6k", str(src)],
+        check=True,
+    )  # fmt: skip
+    for route in ("/inference", "/v1/audio/transcriptions"):
+        response = tight.post("stt", route, files={"file": ("long.opus", src.read_bytes())})
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "audio_too_long" and error["param"] == "file"
+        assert error["audio_seconds"] == pytest.approx(600, abs=0.1)
+        assert error["max_audio_seconds"] == 300
+        # From the header: the exact length, not "at least" (the decoder never ran).
+        assert "(long.opus) is 600.0 s long, over this server's limit of 300 s" in error["message"]
+        assert "--stt-max-audio-seconds" in error["message"]
+    assert inference(tight, wav(noise(1.0))).status_code == 200
+
+
+def test_a_full_queue_is_503_before_the_audio_is_decoded(tight: Server) -> None:
+    """With the one queue slot taken, an upload that is not even audio gets the 503: the
+    request was refused before its file was looked at."""
+    started = threading.Event()
+
+    def hold_the_slot() -> None:
+        started.set()
+        with contextlib.suppress(httpx.ReadTimeout):  # then leaves: the job is dropped
+            httpx.post(
+                tight.url("stt") + "/inference",
+                files={"file": ("long.wav", wav(noise(290.0, seed=7)))},
+                data=FAST,
+                timeout=httpx.Timeout(30, read=5),
+            )
+
+    holder = threading.Thread(target=hold_the_slot)
+    holder.start()
+    started.wait(5)
+    tight.wait_for(
+        lambda: tight.get("stt", "/mlxd/ps").json()["requests_pending"] == 1, 30, "the slot"
+    )
+    refused = inference(tight, b"not audio at all" * 100, "x.wav")
+    holder.join(60)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert refused.headers["retry-after"] == "1"
+    tight.wait_for(
+        lambda: tight.get("stt", "/mlxd/ps").json()["requests_pending"] == 0, 60, "the drop"
+    )
+    assert inference(tight, b"not audio at all" * 100, "x.wav").json()["error"]["code"] == (
+        "invalid_audio"
+    )
