@@ -15,13 +15,14 @@ from typing import Any
 from conversions.common import ConversionError
 from conversions.progress import progress, stage
 from engine.store import ModelInfo, ModelMissing, Store, StoreError
-from engine.store.catalog import Service
+from engine.store.catalog import Kind
 from engine.store.manifest import hashed_bytes, source_digest, write_manifest
 
-FAMILIES: dict[Service, str] = {
+FAMILIES: dict[Kind, str] = {
     "chat": "conversions.gemma",
     "embeddings": "conversions.bert",
     "stt": "conversions.whisper",
+    "vad": "conversions.silero",
 }
 TMP_PREFIX = ".tmp-"
 
@@ -73,7 +74,7 @@ def _check_disk(store: Store, source: Path) -> None:
 def install(
     store: Store,
     model_id: str,
-    kind: Service,
+    kind: Kind,
     source: Path,
     *,
     source_info: dict[str, Any],

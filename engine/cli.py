@@ -15,7 +15,7 @@ from typing import Any
 
 from engine import __version__, bench
 from engine.config import Config, ConfigError, add_serve_flags, load_config
-from engine.store.catalog import CATALOG, DEFAULT_QUANTIZATION, GPU_DTYPE, SERVICES
+from engine.store.catalog import CATALOG, DEFAULT_QUANTIZATION, GPU_DTYPE, KINDS, SERVICES
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -126,7 +126,7 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     )
     pull.add_argument(
         "--kind",
-        choices=SERVICES,
+        choices=KINDS,
         help="the service that will serve it (default: the known id's; needed for ORG/NAME)",
     )
     pull.add_argument("--revision", help="branch, tag or commit to download (default: main)")
@@ -138,7 +138,9 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     )
     _add_conversion_flags(pull)
     convert = _add_command(commands, "convert", "convert a local checkpoint into the store")
-    convert.add_argument("kind", choices=SERVICES, help="the service that will serve it")
+    convert.add_argument(
+        "kind", choices=KINDS, help="the service that will serve it (vad: speech's detector)"
+    )
     convert.add_argument("source", help="HF directory, GGUF file or CTranslate2 directory")
     convert.add_argument("--as", dest="as_id", metavar="ID", required=True, help="store id")
     _add_conversion_flags(convert)
@@ -339,8 +341,13 @@ def cmd_pull(config: Config, args: argparse.Namespace) -> int:
     model_id = args.as_id or (entry.id if entry else repo.split("/")[-1].lower())
     store = Store(config.home)
     _refuse_existing(store, model_id, args.force)
-    fetched = download(repo, args.revision, kind)
-    source = {"type": "huggingface", "repo": repo, "revision": fetched.revision}
+    if kind == "vad":
+        from conversions.silero import packaged
+
+        fetched, origin_type = packaged(repo), "pypi"
+    else:
+        fetched, origin_type = download(repo, args.revision, kind), "huggingface"
+    source = {"type": origin_type, "repo": repo, "revision": fetched.revision}
     info = install(
         store,
         model_id,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.app import ServiceSpec
-from engine.store.catalog import Service
+from engine.store.catalog import Kind, Service
 
 
 def spec(service: Service) -> ServiceSpec:
@@ -21,10 +21,12 @@ def spec(service: Service) -> ServiceSpec:
     return SERVICE
 
 
-def smoke_test(service: Service) -> Callable[[Path], None]:
+def smoke_test(service: Kind) -> Callable[[Path], None]:
     """Loads a converted model directory as `service` does and runs it once (MLX; the caller's
     thread becomes that model's one MLX thread for the duration)."""
-    if service == "chat":
+    if service == "vad":
+        from engine.speech.vad import smoke_test
+    elif service == "chat":
         from engine.chat.runner import smoke_test
     elif service == "embeddings":
         from engine.embeddings.runner import smoke_test

@@ -25,27 +25,8 @@ STFT_PAD = 64  # reflection padding on the right of each frame
 CUTOFF = 129  # frequency bins of the STFT
 HIDDEN = 128
 WEIGHTS_FILE = "weights.safetensors"
-MODEL_TYPE = "silero_vad"
 EVAL_EVERY = 128  # LSTM steps per evaluation (keeps the lazy graph small)
 
-# Source name -> shape, as the silero-vad package's silero_vad_16k.safetensors stores them.
-SOURCE_SHAPES: dict[str, tuple[int, ...]] = {
-    "stft_conv.weight": (2 * CUTOFF, 1, 256),
-    "conv1.weight": (128, CUTOFF, 3),
-    "conv1.bias": (128,),
-    "conv2.weight": (64, 128, 3),
-    "conv2.bias": (64,),
-    "conv3.weight": (64, 64, 3),
-    "conv3.bias": (64,),
-    "conv4.weight": (128, 64, 3),
-    "conv4.bias": (128,),
-    "lstm_cell.weight_ih": (4 * HIDDEN, 128),
-    "lstm_cell.weight_hh": (4 * HIDDEN, HIDDEN),
-    "lstm_cell.bias_ih": (4 * HIDDEN,),
-    "lstm_cell.bias_hh": (4 * HIDDEN,),
-    "final_conv.weight": (1, HIDDEN, 1),
-    "final_conv.bias": (1,),
-}
 # (name, stride) of the convolutions after the STFT; each pads one sample on both sides.
 CONVS = (("conv1", 1), ("conv2", 2), ("conv3", 2), ("conv4", 1))
 
@@ -114,14 +95,6 @@ def _frames(audio: np.ndarray) -> np.ndarray:
     padded[CONTEXT : CONTEXT + len(audio)] = audio
     starts = np.arange(count) * FRAME
     return padded[starts[:, None] + np.arange(CONTEXT + FRAME)]
-
-
-def to_mlx_layout(source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The package's PyTorch layout to MLX's: convolution weights (out, in, k) -> (out, k, in)."""
-    return {
-        name: np.ascontiguousarray(value.transpose(0, 2, 1) if value.ndim == 3 else value)
-        for name, value in source.items()
-    }
 
 
 # ---- probabilities to speech spans (whisper-server's parameters and defaults) --------------

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.jsonfile import JsonFileError, read_json
-from engine.store.catalog import DEFAULT_IDS, Service
+from engine.store.catalog import DEFAULT_IDS, Kind
 from engine.store.manifest import MANIFEST
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -38,7 +38,7 @@ def read_model_json(path: Path) -> dict[str, Any] | None:
 class ModelInfo:
     id: str
     path: Path
-    kind: Service | None
+    kind: Kind | None
     manifest: dict[str, Any] | None
 
     @property
@@ -63,15 +63,17 @@ def _weights_dtype(config: dict[str, Any]) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "unknown")
 
 
-def install_hint(model_id: str, kind: Service | None) -> str:
+def install_hint(model_id: str, kind: Kind | None) -> str:
     kind_flag = "" if model_id in DEFAULT_IDS.values() or kind is None else f" --kind {kind}"
     return f"mlxd pull {model_id}{kind_flag}"
 
 
-def detect_kind(directory: Path) -> Service | None:
+def detect_kind(directory: Path) -> Kind | None:
     """Which service a model directory is for, from its config.json."""
     config = read_model_json(directory / "config.json") or {}
     model_type = str(config.get("model_type", "")).lower()
+    if model_type == "silero_vad":
+        return "vad"
     if "n_audio_state" in config or model_type == "whisper":
         return "stt"
     if model_type in ("bert", "xlm-roberta", "xlm_roberta", "modernbert"):
@@ -104,7 +106,7 @@ class Store:
         )
         return [self.info(p) for p in dirs]
 
-    def resolve(self, ref: str, kind: Service | None = None) -> ModelInfo:
+    def resolve(self, ref: str, kind: Kind | None = None) -> ModelInfo:
         """A store id or a local model directory; raises ModelMissing with the install command."""
         candidate = Path(ref).expanduser()
         looks_like_path = "/" in ref or ref.startswith((".", "~"))

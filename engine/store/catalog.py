@@ -7,6 +7,10 @@ from typing import Literal, get_args
 
 Service = Literal["chat", "embeddings", "stt"]
 SERVICES: tuple[Service, ...] = get_args(Service)
+# What a store model is for: a service, or the speech service's voice activity detector.
+Kind = Literal["chat", "embeddings", "stt", "vad"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+VAD_ID = "silero-vad"  # the detector the speech service uses unless told otherwise
 
 # Each service serves this id unless told otherwise, and also answers to it as an alias.
 DEFAULT_IDS: dict[Service, str] = {
@@ -19,7 +23,7 @@ DEFAULT_IDS: dict[Service, str] = {
 @dataclass(frozen=True)
 class CatalogEntry:
     id: str
-    kind: Service
+    kind: Kind
     repo: str
     quantization: int | None
     dtype: str
@@ -109,13 +113,31 @@ CATALOG: dict[str, CatalogEntry] = {
             "float16",
             "Whisper tiny, multilingual",
         ),
+        CatalogEntry(
+            VAD_ID,
+            "vad",
+            "pypi:silero-vad==6.2.3",
+            None,
+            "float32",
+            "Silero VAD v6 16 kHz, the speech service's voice activity detector",
+        ),
     ]
 }
 
-DEFAULT_QUANTIZATION: dict[Service, int | None] = {"chat": 4, "embeddings": None, "stt": None}
+DEFAULT_QUANTIZATION: dict[Kind, int | None] = {
+    "chat": 4,
+    "embeddings": None,
+    "stt": None,
+    "vad": None,
+}
 # On a GPU (Metal, CUDA). MLX's CPU backend runs half-precision weights and quantization
 # scales several times slower than float32 (a Gemma 3 270M at q8: 0.19 vs 2.1 tokens/s).
-GPU_DTYPE: dict[Service, str] = {"chat": "bfloat16", "embeddings": "float16", "stt": "float16"}
+GPU_DTYPE: dict[Kind, str] = {
+    "chat": "bfloat16",
+    "embeddings": "float16",
+    "stt": "float16",
+    "vad": "float32",
+}
 HALF_DTYPES = ("float16", "bfloat16")
 CPU_DTYPE = "float32"
 
@@ -128,7 +150,7 @@ def runs_on_cpu() -> bool:
     return not (mx.metal.is_available() or (cuda is not None and cuda.is_available()))
 
 
-def default_dtype(service: Service, entry: CatalogEntry | None = None) -> str:
+def default_dtype(service: Kind, entry: CatalogEntry | None = None) -> str:
     """The float dtype to convert to here: the catalog entry's, else the service's; a half
     type becomes float32 where MLX runs on the CPU."""
     dtype = entry.dtype if entry else GPU_DTYPE[service]

@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conversions.silero import to_mlx_layout
 from engine.audio import SAMPLE_RATE, decode_audio
-from engine.speech.vad import FRAME, SileroVad, Splice, VadParams, speech_spans, to_mlx_layout
+from engine.speech.vad import FRAME, SileroVad, Splice, VadParams, speech_spans
 from tests.engine.speech.test_real_weights import speech
 from tests.real_weights import silero_vad_16k
 
