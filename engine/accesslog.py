@@ -20,6 +20,7 @@ from engine.modelthread import Cancelled, Job
 access_log = logging.getLogger("mlxd.access")
 
 CLIENT_CLOSED = 499
+EVENT_STREAM = "text/event-stream"
 
 
 class LoggedSanic(Sanic):
@@ -42,7 +43,7 @@ def write(request: Request, gone: bool) -> None:
     response = request.stream.response if request.stream is not None else None
     status = CLIENT_CLOSED if gone or response is None else response.status
     line = f"{request.method} {request.path} {status} {elapsed_ms(request):.1f}ms id={rid(request)}"
-    if response is not None and response.body is None:  # headers first, then a stream
+    if response is not None and (response.content_type or "").startswith(EVENT_STREAM):
         line += f" stream={stream_outcome(request, gone)}"
     level = logging.DEBUG if request.headers.get("user-agent") == PROBE_AGENT else logging.INFO
     access_log.log(level, line)
