@@ -1,9 +1,13 @@
 """SIGTERM with work in flight on all three services: every request is answered, either in full
-or with a 503 shutting_down, and mlxd exits 0 by itself."""
+or with a 503 shutting_down, and mlxd exits 0 by itself. A model thread that stalls turns
+/health to 503 and its process is restarted."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +16,8 @@ import httpx
 import numpy as np
 
 from tests.conftest import model_flags
-from tests.serving import Server, start_server
+from tests.engine.fakes import fake_model_dir
+from tests.serving import Server, free_port, start_server
 from tests.wav_files import int_wav
 
 SHUTDOWN_TIMEOUT = 6
@@ -134,3 +139,46 @@ def _busy(server: Server, service: str) -> bool:
     except (httpx.HTTPError, ValueError):
         return False
     return ps["requests_pending"] > 0
+
+
+def test_a_stalled_model_thread_is_503_stalled_and_its_process_is_restarted(tmp_path) -> None:
+    model = fake_model_dir(tmp_path, "embeddings")
+    port = free_port()
+    command = [sys.executable, "-m", "tests.engine.stall_serve", "--home", str(tmp_path)]
+    command += ["--only", "embeddings", "--embeddings-port", str(port)]
+    command += ["--embeddings-model", str(model), "--stall-seconds", "1"]
+    command += ["--shutdown-timeout", "5"]
+    log_path = tmp_path / "mlxd.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLXD_")}
+    process = subprocess.Popen(
+        command, stdout=log_path.open("w"), stderr=subprocess.STDOUT, env=env
+    )
+    server = Server(process, {"embeddings": port}, log_path)
+    try:
+        server.wait_healthy()
+        first = server.get("embeddings", "/mlxd/ps").json()["pid"]
+        results: dict[str, Any] = {}
+        hung = _in_thread(
+            results,
+            "hung",
+            lambda: server.post("embeddings", "/v1/embeddings", json={"input": "hang"}),
+        )
+        bodies: list[dict] = []
+
+        def stalled() -> bool:
+            response = server.get("embeddings", "/health")
+            bodies.append(response.json())
+            return response.status_code == 503 and response.json()["status"] == "stalled"
+
+        server.wait_for(stalled, 60, "/health 503 stalled")
+        assert "--stall-seconds 1" in bodies[-1]["message"]
+        hung.join(60)
+        _assert_finished_or_refused("hung", results["hung"])
+        assert results["hung"].status_code == 503
+        server.wait_healthy(timeout=60)
+        assert server.get("embeddings", "/mlxd/ps").json()["pid"] != first
+        ok = server.post("embeddings", "/v1/embeddings", json={"input": "fine"})
+        assert ok.status_code == 200
+        assert "no progress on a job" in server.log() and "restarting" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
