@@ -34,6 +34,10 @@ TEMPLATE_NAME = f"{LABEL}.plist"
 EXIT_TIMEOUT_MARGIN = 10  # seconds above the shutdown timeout before launchd sends SIGKILL
 SYSTEM_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 TOKENS = ("@MLXD@", "@LOGS@", "@MLXD_HOME@", "@PATH@")
+# Flags whose values are secrets: passed in the plist's environment (the plist is 0600), never in
+# ProgramArguments, which every local user sees in `ps`.
+SECRET_FLAGS = {"api_key": "MLXD_API_KEY"}
+PRIVATE_MODE = 0o600
 ELSEWHERE = (
     "the launchd agent is macOS-only. Elsewhere run `mlxd serve`, which logs to stderr, or run "
     "it as a systemd user service (docs/linux.md has the unit file), whose log is "
@@ -138,8 +142,10 @@ def render_plist(
     shutdown_timeout: float,
     path_env: str | None = None,
     template: Path | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The agent's plist as a dict: tokens replaced, the command and flags, the exit timeout."""
+    """The agent's plist as a dict: tokens replaced, the command and flags, the exit timeout,
+    and `secrets` (environment variables) in its environment."""
     with (template or template_path()).open("rb") as stream:
         plist = plistlib.load(stream)
     tokens = {
@@ -151,6 +157,7 @@ def render_plist(
     program = plist["ProgramArguments"]
     plist["ProgramArguments"] = [*command, *program[1:], *serve_args]
     plist["ExitTimeOut"] = exit_timeout(shutdown_timeout)
+    plist["EnvironmentVariables"].update(secrets or {})
     check_plist(plist)
     return plist
 
@@ -185,6 +192,16 @@ def plist_bytes(plist: dict[str, Any]) -> bytes:
     return plistlib.dumps(plist, fmt=plistlib.FMT_XML)
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read (mode 0600), atomically: it may hold a secret."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(data)
+    os.replace(temporary, path)
+
+
 # -- serve flags -----------------------------------------------------------------------------
 
 
@@ -198,10 +215,19 @@ def serve_args_from(args: argparse.Namespace) -> list[str]:
     """The `mlxd serve` flags given to `mlxd agent install`, paths made absolute."""
     config_file = getattr(args, "config", None)
     out = ["--config", str(Path(config_file).expanduser().absolute())] if config_file else []
-    values = dict(vars(args))
+    values = {key: value for key, value in vars(args).items() if key not in SECRET_FLAGS}
     if values.get("home"):
         values["home"] = str(Path(values["home"]).expanduser().absolute())
     return out + serve_args(values, _absolute_if_path)
+
+
+def secrets_from(args: argparse.Namespace) -> dict[str, str]:
+    """The secret flags given to `mlxd agent install`, as the environment variables they set."""
+    return {
+        variable: str(value)
+        for dest, variable in SECRET_FLAGS.items()
+        if (value := getattr(args, dest, None)) is not None
+    }
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -297,6 +323,7 @@ def install(args: argparse.Namespace, paths: Paths) -> int:
         user_home=paths.home,
         mlxd_home=config.home.expanduser().absolute(),
         shutdown_timeout=config.shutdown_timeout,
+        secrets=secrets_from(args),
     )
     data = plist_bytes(plist)
     unchanged = paths.plist.is_file() and paths.plist.read_bytes() == data
@@ -305,12 +332,13 @@ def install(args: argparse.Namespace, paths: Paths) -> int:
     target = f"{domain()}/{LABEL}"
     is_loaded = loaded(LABEL) is not None
     if is_loaded and unchanged:
+        paths.plist.chmod(PRIVATE_MODE)
         _checked("kickstart", "-k", target)
         print(f"Restarted {LABEL} ({paths.plist} unchanged)")
     else:
         if is_loaded:
             _checked("bootout", target)
-        paths.plist.write_bytes(data)
+        write_private(paths.plist, data)
         _checked("bootstrap", domain(), str(paths.plist))
         print(f"Installed {LABEL}: {paths.plist}")
     print(f"mlxd starts at login and restarts after a crash; logs: {paths.log_file}")

@@ -16,6 +16,7 @@ from engine.agent import (
     LABEL,
     AgentError,
     Paths,
+    config_of_plist,
     plist_bytes,
     render_plist,
     template_path,
@@ -66,7 +67,7 @@ def test_template_is_a_valid_plist_with_every_key() -> None:
     with TEMPLATE.open("rb") as stream:
         template = plistlib.load(stream)
     assert template["Label"] == LABEL
-    assert template["ProgramArguments"][1:] == ["serve"]
+    assert template["ProgramArguments"][1:] == ["serve", "--log-file", "@LOGS@/mlxd.log"]
     assert template["ProcessType"] == "Interactive"
     assert template["KeepAlive"] == {"SuccessfulExit": False}
 
@@ -74,8 +75,12 @@ def test_template_is_a_valid_plist_with_every_key() -> None:
 def test_rendered_plist_has_absolute_paths_and_the_right_types(tmp_path: Path) -> None:
     plist = plistlib.loads(plist_bytes(render(tmp_path)))
     home = tmp_path / "home"
+    log_file = str(home / "Library" / "Logs" / "mlxd" / "mlxd.log")
     assert plist["Label"] == LABEL
-    assert plist["ProgramArguments"] == ["/opt/homebrew/bin/mlxd", "serve", "--chat-port", "9090"]
+    assert plist["ProgramArguments"] == [
+        "/opt/homebrew/bin/mlxd",
+        *("serve", "--log-file", log_file, "--chat-port", "9090"),
+    ]
     assert plist["RunAtLoad"] is True
     assert plist["KeepAlive"] == {"SuccessfulExit": False}  # restart on crash, not clean exit
     assert type(plist["ThrottleInterval"]) is int and plist["ThrottleInterval"] >= 5
@@ -177,7 +182,11 @@ def test_install_renders_into_launch_agents_and_bootstraps(fake: Fake) -> None:
     program = plist["ProgramArguments"]
     assert Path(program[0]).is_absolute() and os.access(program[0], os.X_OK)
     store = str(fake.cwd / "store")
-    assert program[1:] == ["serve", "--home", store, "--chat-port", "9090", "--strict-model"]
+    log_file = str(fake.paths.log_file)
+    assert program[1:] == [
+        *("serve", "--log-file", log_file),
+        *("--home", store, "--chat-port", "9090", "--strict-model"),
+    ]
     assert plist["EnvironmentVariables"]["MLXD_HOME"] == store
     assert plist["StandardErrorPath"] == str(fake.home / "Library/Logs/mlxd/mlxd.log")
     assert (fake.home / "Library" / "Logs" / "mlxd").is_dir()
@@ -259,3 +268,20 @@ def test_bad_serve_flags_are_refused_before_anything_is_written(fake: Fake) -> N
     result = fake.run("install", "--chat-port", "8081", "--embeddings-port", "8081")
     assert result.returncode == 2 and "own port" in result.stderr
     assert not fake.paths.plist.exists() and fake.calls() == []
+
+
+def test_the_api_key_stays_out_of_the_command_line_and_the_plist_is_private(fake: Fake) -> None:
+    result = fake.run("install", "--api-key", "s3cret-key", "--chat-port", "9090")
+    assert result.returncode == 0, result.stderr
+    plist = fake.plist()
+    assert not any("s3cret-key" in argument for argument in plist["ProgramArguments"])
+    assert "--api-key" not in plist["ProgramArguments"]
+    assert plist["EnvironmentVariables"]["MLXD_API_KEY"] == "s3cret-key"
+    assert fake.paths.plist.stat().st_mode & 0o777 == 0o600
+    assert config_of_plist(fake.paths.plist).api_key == "s3cret-key"  # what the agent runs with
+    fake.paths.plist.chmod(0o644)  # e.g. written by an older mlxd
+    fake.loaded(LABEL)
+    again = fake.run("install", "--api-key", "s3cret-key", "--chat-port", "9090")
+    assert again.returncode == 0, again.stderr
+    assert fake.calls()[-1][0] == "kickstart"  # unchanged: restarted, and made private
+    assert fake.paths.plist.stat().st_mode & 0o777 == 0o600
