@@ -7,11 +7,27 @@ the test when the package is not installed (and fails in CI, where it must be).
 
 from __future__ import annotations
 
+import hashlib
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+CONVERSIONS = Path(__file__).resolve().parents[1] / "conversions"
+
+
+@cache
+def converter_key() -> str:
+    """A hash of the converters' source (every file of the conversions package): a cached
+    conversion is made again whenever a converter changes, whatever its version says."""
+    digest = hashlib.sha256()
+    for path in sorted(CONVERSIONS.rglob("*.py")):
+        digest.update(str(path.relative_to(CONVERSIONS)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
 
 # ---------------------------------------------------------------------------------- Gemma
 
@@ -145,7 +161,7 @@ def whisper_base_mlx() -> Path:
     from conversions import whisper
 
     base = Path(os.environ.get("MLXD_TEST_CACHE") or Path.home() / ".cache" / "mlxd-tests")
-    dest = base / f"whisper-base-f32-mlx-v{whisper.CONVERTER_VERSION}"
+    dest = base / f"whisper-base-f32-mlx-{converter_key()}"
     if (dest / "config.json").is_file():
         return dest
     partial = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
@@ -159,7 +175,7 @@ def gemma3_270m_mlx() -> Path:
     """Gemma 3 270M converted once through conversions/ (float32) into the test cache."""
     from conversions import gemma
 
-    dest = _gemma_cache_dir() / f"gemma3-270m-f32-mlx-v{gemma.CONVERTER_VERSION}"
+    dest = _gemma_cache_dir() / f"gemma3-270m-f32-mlx-{converter_key()}"
     if (dest / "config.json").is_file():
         return dest
     source = gemma3_270m_gguf()
