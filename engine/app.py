@@ -43,6 +43,7 @@ from engine.modelthread import ModelState, ModelThread, Policy
 from engine.shutdown import drain, health_problem
 from engine.store import ModelInfo, Store
 from engine.store.catalog import DEFAULT_IDS, Service
+from engine.validation import install_body_parser
 
 log = logging.getLogger("mlxd.server")
 
@@ -143,6 +144,7 @@ def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     app.blueprint(common_routes())
     app.blueprint(spec.blueprint)
     install_lifecycle(app)
+    install_body_parser(app)
     _install_middleware(app, config)
     _install_listeners(app, spec, config)
     return app

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
 from typing import Any
 
-from sanic import Request
+from sanic import Request, Sanic
 
 from engine.errors import InvalidRequest
 from engine.keepalive import SERVICE_KEEP_ALIVE, parse_keep_alive
@@ -23,6 +24,30 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+LARGE_BODY_BYTES = 1 << 20  # JSON bodies past this are parsed in a thread, off the event loop
+
+
+def install_body_parser(app: Sanic) -> None:
+    """Parse a large JSON body in a thread before the handler runs (after the Host, Origin and
+    API-key checks); `parse_json_body` then hands out that result or its error."""
+
+    @app.on_request
+    async def parse_large_json(request: Request) -> None:
+        if len(request.body or b"") <= LARGE_BODY_BYTES or _media_type(request).startswith(
+            "multipart/"
+        ):
+            return
+        loop = asyncio.get_running_loop()
+        request.ctx.parsed_json = await loop.run_in_executor(None, _parse_outcome, request)
+
+
+def _parse_outcome(request: Request) -> dict[str, Any] | InvalidRequest:
+    try:
+        return _parse_json_body(request)
+    except InvalidRequest as exc:
+        return exc
+
+
 def parse_json_body(request: Request) -> dict[str, Any]:
     """The request body as a JSON object.
 
@@ -30,6 +55,13 @@ def parse_json_body(request: Request) -> dict[str, Any]:
     curl's `-d` default (form-urlencoded) that is really JSON, is accepted too: llama-server takes
     those and scripts written for it send them.
     """
+    parsed = getattr(request.ctx, "parsed_json", None)
+    if isinstance(parsed, InvalidRequest):
+        raise parsed
+    return parsed if parsed is not None else _parse_json_body(request)
+
+
+def _parse_json_body(request: Request) -> dict[str, Any]:
     media = _media_type(request)
     lenient = media in ("", "application/x-www-form-urlencoded")
     if media not in JSON_TYPES and not media.endswith("+json") and not lenient:

@@ -82,7 +82,9 @@ class _Work:
 
 
 def _start(runner: EmbeddingsModel, jobs: list[Job]) -> list[_Work]:
-    """Tokenize the texts of all `jobs` in one call, then check each request on its own."""
+    """Tokenize the texts of all `jobs` in one call, then check each request on its own. A
+    request whose client has left meanwhile is dropped before its texts are tokenized."""
+    jobs = _drop_cancelled(jobs)
     texts = [text for job in jobs for text in job.payload.texts or []]
     tokenized = iter(runner.tokenize(texts) if texts else [])
     work = []
@@ -132,6 +134,16 @@ def embed_batch(
             item.next = max(item.next, index + 1)
         work = _settle(work)
         work += _start(runner, take_more(sum(len(w.sequences) for w in work)))
+
+
+def _drop_cancelled(jobs: list[Job]) -> list[Job]:
+    kept = []
+    for job in jobs:
+        if job.cancelled:
+            job.finish(error=Cancelled())
+        else:
+            kept.append(job)
+    return kept
 
 
 def _settle(work: list[_Work]) -> list[_Work]:

@@ -1,19 +1,26 @@
-"""Embeddings service (port 8081): OpenAI `POST /v1/embeddings`."""
+"""Embeddings service (port 8081): OpenAI `POST /v1/embeddings`.
+
+A client that leaves drops its request from the queue and the running batch (a 499); a large
+response is built off the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 from typing import Any
 
 import numpy as np
 from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
+from sanic.response import raw
 
 from engine.app import ServiceSpec, resolve_requested_model
 from engine.config import Config
 from engine.embeddings import decode, metrics
 from engine.embeddings.request import EmbedRequest, EmbedResult, parse_input
 from engine.errors import InvalidRequest
+from engine.lifecycle import result as job_result
 from engine.lifecycle import submit
 from engine.store import ModelInfo
 from engine.validation import (
@@ -25,6 +32,7 @@ from engine.validation import (
 )
 
 bp = Blueprint("embeddings")
+LARGE_RESPONSE_FLOATS = 1 << 15  # vectors x dimensions past which the body is built in a thread
 
 
 @bp.post("/v1/embeddings")
@@ -38,14 +46,25 @@ async def create_embeddings(request: Request) -> HTTPResponse:
     dimensions = optional_number(body, "dimensions", minimum=1, integer=True)
     truncate = optional_bool(body, "truncate", default=config.embeddings_truncate)
     job = submit(request, EmbedRequest(texts, token_lists, truncate))
-    result: EmbedResult = await job.result()
+    result: EmbedResult = await job_result(request, job, "embeddings")
+    headers = {"x-mlxd-truncated": ",".join(map(str, result.truncated))} if result.truncated else {}
+    build = (model, result, encoding, dimensions, truncate)
+    if result.vectors.size <= LARGE_RESPONSE_FLOATS:
+        return json_response(_payload(*build), headers=headers)
+    loop = asyncio.get_running_loop()
+    body = await loop.run_in_executor(None, lambda: json.dumps(_payload(*build)).encode())
+    return raw(body, content_type="application/json", headers=headers)
+
+
+def _payload(
+    model: str, result: EmbedResult, encoding: str, dimensions: int | None, truncate: bool
+) -> dict[str, Any]:
     vectors = _resize(result.vectors, dimensions)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
         for i, vector in enumerate(vectors)
     ]
     tokens = sum(result.token_counts)
-    headers = {"x-mlxd-truncated": ",".join(map(str, result.truncated))} if result.truncated else {}
     payload: dict[str, Any] = {
         "object": "list",
         "data": data,
@@ -54,7 +73,7 @@ async def create_embeddings(request: Request) -> HTTPResponse:
     }
     if truncate:
         payload["truncated"] = result.truncated
-    return json_response(payload, headers=headers)
+    return payload
 
 
 def _resize(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:

@@ -35,11 +35,10 @@ from engine.speech.request import (
 )
 from engine.speech.response import openai_response, whisper_response
 from engine.store import ModelInfo
+from engine.validation import LARGE_BODY_BYTES
 
 log = logging.getLogger("mlxd.stt")
 bp = Blueprint("stt")
-
-LARGE_BODY_BYTES = 1 << 20  # forms past this are parsed off the event loop
 
 
 async def parse_form(request: Request) -> None:

@@ -101,6 +101,53 @@ def test_cancelled_request_is_dropped() -> None:
     assert results[1].vectors.shape == (1, 8)
 
 
+class CancellingFake(LongFake):
+    """Tokenizes as the fake does, recording the texts; cancels `victim` after the first round."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenized: list[str] = []
+        self.victim: Job | None = None
+
+    def tokenize(self, texts):
+        self.tokenized += texts
+        return super().tokenize(texts)
+
+    def embed(self, token_lists):
+        if self.victim is not None and self.rounds:
+            self.victim.cancel()
+        return super().embed(token_lists)
+
+
+def test_a_request_whose_client_left_is_never_tokenized() -> None:
+    runner = CancellingFake()
+    loop = asyncio.new_event_loop()
+    jobs = make_jobs(loop, [texts("gone"), texts("kept")])
+    later = make_jobs(loop, [texts("late and gone")])
+    jobs[0].cancel()
+    later[0].cancel()
+    embed_batch(runner, jobs, lambda n: later if not runner.tokenized[1:] else [], 64)
+    results = loop.run_until_complete(settle(jobs + later))
+    loop.close()
+    assert runner.tokenized == ["kept"]
+    assert isinstance(results[0], Cancelled) and isinstance(results[2], Cancelled)
+    assert results[1].vectors.shape == (1, 8)
+
+
+def test_a_request_abandoned_mid_batch_leaves_at_the_next_round() -> None:
+    runner = CancellingFake()
+    loop = asyncio.new_event_loop()
+    jobs = make_jobs(loop, [texts(*["a" * 30] * 20), texts("b")])
+    runner.victim = jobs[0]
+    embed_batch(runner, jobs, lambda n: [], 64)
+    results = loop.run_until_complete(settle(jobs))
+    loop.close()
+    assert isinstance(results[0], Cancelled)
+    assert results[1].vectors.shape == (1, 8)
+    embedded = sum(len(r) for r in runner.rounds)
+    assert embedded < 21 and len(runner.rounds) <= 2  # 2 rounds at most, not the 20 inputs
+
+
 @pytest.mark.parametrize("budget", [1, 10, 1000])
 def test_every_budget_makes_progress(budget: int) -> None:
     results = run(LongFake(), [texts("abc", "de"), texts("f")], budget=budget)
