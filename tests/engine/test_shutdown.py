@@ -126,6 +126,9 @@ def test_sigterm_with_chat_embeddings_and_speech_in_flight(tmp_path, tiny_models
     assert code == 0, server.log()[-3000:]
     assert "did not stop in time" not in server.log()
     _assert_stream_whole_or_refused(results["stream"])
+    whole = results["stream"]["frames"][-1] == "[DONE]"
+    outcome = "stream=completed" if whole else "stream=failed:shutting_down"
+    assert outcome in server.log()  # the access line tells how the stream ended
     for name, response in results.items():
         if name != "stream":
             _assert_finished_or_refused(name, response)
