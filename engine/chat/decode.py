@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from engine.chat.gemma_tokens import THINK_CLOSE, THINK_OPEN
-from engine.chat.request import ChatRequest
+from engine.chat.request import ChatRequest, check_prompt_chars, prompt_chars
 from engine.chat.types import (
     ChatOutcome,
     ChatParams,
@@ -220,6 +220,7 @@ class Scheduler:
         )
 
     def _prompt(self, request: ChatRequest) -> Any:
+        check_prompt_chars(prompt_chars(request), self.runner)  # before tokenizing it
         try:
             if request.prompt is not None:
                 return self.runner.prepare_raw(request.prompt)

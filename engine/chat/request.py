@@ -1,7 +1,9 @@
 """Parse and validate an OpenAI chat completions body into a ChatRequest (event-loop side).
 
 Every client mistake is an InvalidRequest naming the field. Images and audio clips are decoded
-here, off the model thread; nothing in this module imports MLX.
+here, off the model thread, once the request holds its queue slot and its images are within
+--chat-max-images and, by their headers, --chat-max-image-pixels; nothing in this module imports
+MLX. A prompt whose characters cannot fit the context is refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from sanic import Request
 
 from engine.chat.audio_input import AUDIO_PART, AudioClip, AudioRef, decode_clips, parse_input_audio
 from engine.chat.types import Constraint
-from engine.errors import ApiError, InvalidRequest
+from engine.errors import InvalidRequest
+from engine.lifecycle import admitted
 from engine.validation import (
     optional_bool,
     optional_number,
@@ -152,6 +155,37 @@ def _part(part: Any, where: str, refs: list[ImageRef | AudioRef]) -> dict[str, A
 
 def decode_image(ref: ImageRef, allow_urls: bool = False) -> Any:
     """A data: URL (or, when allowed, an http(s) URL) to an RGB PIL image; else a clear 400."""
+    return open_image(image_bytes(ref, allow_urls), ref.param)
+
+
+def decode_images(refs: list[ImageRef], allow_urls: bool, max_pixels: int) -> list[Any]:
+    """Every image, once all their headers say they fit `max_pixels` together (a 400 naming
+    both numbers before any is decoded)."""
+    raws = [image_bytes(ref, allow_urls) for ref in refs]
+    total = sum(probe_image(raw, ref.param) for raw, ref in zip(raws, refs, strict=True))
+    if total > max_pixels:
+        raise InvalidRequest(
+            f"The request's {len(refs)} images hold {total} pixels together, over the limit of "
+            f"{max_pixels} (--chat-max-image-pixels)",
+            param="messages",
+            code="images_too_large",
+            extra={"image_pixels": total, "max_image_pixels": max_pixels},
+        )
+    return [open_image(raw, ref.param) for raw, ref in zip(raws, refs, strict=True)]
+
+
+def check_image_count(refs: list[ImageRef], limit: int) -> None:
+    if len(refs) > limit:
+        raise InvalidRequest(
+            f"The request has {len(refs)} images, over the limit of {limit} (--chat-max-images)",
+            param="messages",
+            code="too_many_images",
+            extra={"images": len(refs), "max_images": limit},
+        )
+
+
+def image_bytes(ref: ImageRef, allow_urls: bool) -> bytes:
+    """The image file a data: URL holds (or, when allowed, an http(s) URL points to)."""
     if ref.url.startswith(("http://", "https://")):
         if not allow_urls:
             raise InvalidRequest(
@@ -160,17 +194,16 @@ def decode_image(ref: ImageRef, allow_urls: bool = False) -> Any:
                 param=ref.param,
                 code="image_url_not_allowed",
             )
-        return open_image(fetch_image(ref), ref.param)
+        return fetch_image(ref)
     header, _, data = ref.url.partition(",")
     if not header.startswith("data:") or ";base64" not in header:
         raise InvalidRequest(
             "Images must be base64 data: URLs (data:image/png;base64,...)", param=ref.param
         )
     try:
-        raw = base64.b64decode(data.strip(), validate=False)
+        return base64.b64decode(data.strip(), validate=False)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequest(f"Image could not be decoded: {exc}", param=ref.param) from None
-    return open_image(raw, ref.param)
 
 
 def fetch_image(ref: ImageRef) -> bytes:
@@ -189,8 +222,9 @@ def fetch_image(ref: ImageRef) -> bytes:
     return raw
 
 
-def open_image(raw: bytes, param: str) -> Any:
-    """Check type and size from the header before decoding any pixels (decompression bombs)."""
+def probe_image(raw: bytes, param: str) -> int:
+    """The image's pixel count from its header, after checking its type and size; no pixels
+    are decoded (decompression bombs)."""
     from PIL import Image, UnidentifiedImageError
 
     if not raw:
@@ -198,24 +232,69 @@ def open_image(raw: bytes, param: str) -> Any:
     try:
         with Image.open(io.BytesIO(raw)) as probe:
             kind, (width, height) = probe.format, probe.size
-        if kind not in IMAGE_TYPES:
-            raise InvalidRequest(
-                f"Unsupported image type {kind}: send JPEG, PNG, WebP or GIF",
-                param=param,
-                code="unsupported_image_type",
-            )
-        if width * height > MAX_IMAGE_PIXELS:
-            raise InvalidRequest(
-                f"Image is {width}x{height}, over the limit of {MAX_IMAGE_PIXELS} pixels",
-                param=param,
-                code="image_too_large",
-            )
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.convert("RGB")
-    except ApiError:
-        raise
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(f"Image could not be decoded: {exc}", param=param) from None
+    if kind not in IMAGE_TYPES:
+        raise InvalidRequest(
+            f"Unsupported image type {kind}: send JPEG, PNG, WebP or GIF",
+            param=param,
+            code="unsupported_image_type",
+        )
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidRequest(
+            f"Image is {width}x{height}, over the limit of {MAX_IMAGE_PIXELS} pixels",
+            param=param,
+            code="image_too_large",
+        )
+    return width * height
+
+
+def open_image(raw: bytes, param: str) -> Any:
+    """Check type and size from the header, then decode to RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    probe_image(raw, param)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"Image could not be decoded: {exc}", param=param) from None
+
+
+# ---- prompt length -----------------------------------------------------------------------
+
+
+def prompt_chars(chat: ChatRequest) -> int:
+    """Characters the rendered prompt holds at least: the raw prompt, or the text of every
+    message but the assistant's (a template may drop parts of earlier replies)."""
+    if chat.prompt is not None:
+        return len(chat.prompt)
+    total = 0
+    for message in chat.messages:
+        if message.get("role") == "assistant":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+    return total
+
+
+def check_prompt_chars(chars: int, runner: Any) -> None:
+    """A prompt longer than the context times the longest token (in characters) cannot fit:
+    the context-length 400, without tokenizing it. `runner` None (not loaded): no check."""
+    n_ctx = getattr(runner, "context_length", None)
+    per_token = getattr(runner, "max_token_chars", None)
+    if not isinstance(n_ctx, int) or not isinstance(per_token, int):
+        return
+    if chars > n_ctx * per_token:
+        raise InvalidRequest(
+            f"The prompt has {chars} characters, more than the model's context of {n_ctx} tokens "
+            f"can hold (a token is at most {per_token} characters)",
+            code="context_length_exceeded",
+            extra={"n_prompt_chars": chars, "n_ctx": n_ctx},
+        )
 
 
 # ---- sampling, limits, thinking --------------------------------------------------------------
@@ -438,9 +517,17 @@ async def parse_request(request: Request, body: dict[str, Any]) -> ChatRequest:
         image_refs=[ref for ref in refs if isinstance(ref, ImageRef)],
         n=n,
     )
-    allow = request.app.ctx.config.chat_allow_image_urls
+    config = request.app.ctx.config
+    check_image_count(chat.image_refs, config.chat_max_images)
+    runner = getattr(getattr(request.app.ctx, "worker", None), "runner", None)
+    check_prompt_chars(prompt_chars(chat), runner)
+    clips = [ref for ref in refs if isinstance(ref, AudioRef)]
+    if not chat.image_refs and not clips:
+        return chat
     loop = asyncio.get_running_loop()
-    for ref in chat.image_refs:
-        chat.images.append(await loop.run_in_executor(None, decode_image, ref, allow))
-    chat.audio.extend(await decode_clips([ref for ref in refs if isinstance(ref, AudioRef)]))
+    allow, max_pixels = config.chat_allow_image_urls, config.chat_max_image_pixels
+    with admitted(request):  # the queue slot first: a full queue is a 503 before any decoding
+        images = await loop.run_in_executor(None, decode_images, chat.image_refs, allow, max_pixels)
+        chat.images.extend(images)
+        chat.audio.extend(await decode_clips(clips))
     return chat

@@ -95,6 +95,8 @@ class ChatRunner:
         self.model_id = model_id
         self.config = _json(model_dir / "config.json")
         self.context_length = _context_length(self.config)
+        # The most characters one token stands for: a longer prompt cannot fit, untokenized.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self.eos_token_ids = _eos_token_ids(self.config, model_dir, self.tokenizer)
         self.image_token_id = self.config.get("image_token_id")
         has_tower = getattr(model, "audio_tower", None) is not None

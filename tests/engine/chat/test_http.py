@@ -334,3 +334,68 @@ def test_more_bad_requests(tmp_path: Path, body: dict, param: str) -> None:
     with serving(tmp_path, "chat") as (client, _):
         assert_error(post(client, body), 400, param=param)
         assert_error(post(client, {**body, "stream": True}), 400, param=param)
+
+
+# ---- budgets: images and prompt length before the expensive work ------------------------------
+
+
+def _image_parts(urls: list[str]) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+    return [{"role": "user", "content": [{"type": "text", "text": "Look"}, *parts]}]
+
+
+def _png_header(width: int, height: int) -> str:
+    """A PNG whose header says `width` x `height` but whose pixel data stops after a row."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+    return "data:image/png;base64," + base64.b64encode(raw + chunk(b"IEND", b"")).decode()
+
+
+def test_too_many_images_are_refused_before_any_is_decoded(tmp_path: Path) -> None:
+    garbage = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+    with serving(tmp_path, "chat", chat_max_images=3) as (client, fake):
+        body = {"messages": _image_parts([garbage] * 4)}
+        error = assert_error(client.post("/v1/chat/completions", json=body)[1], 400)
+        assert error["code"] == "too_many_images" and error["param"] == "messages"
+        assert "4 images, over the limit of 3" in error["message"]
+        assert (error["images"], error["max_images"]) == (4, 3)
+        ok = client.post("/v1/chat/completions", json={"messages": _image_parts([png()] * 3)})[1]
+        assert ok.status == 200 and len(fake.calls[-1]["images"]) == 3
+
+
+def test_the_images_pixels_together_are_capped_from_their_headers(tmp_path: Path) -> None:
+    with serving(tmp_path, "chat", chat_max_image_pixels=100_000_000) as (client, fake):
+        body = {"messages": _image_parts([_png_header(6000, 6000)] * 3)}
+        error = assert_error(client.post("/v1/chat/completions", json=body)[1], 400)
+        assert error["code"] == "images_too_large"
+        assert (
+            "3 images hold 108000000 pixels together, over the limit of 100000000"
+            in (error["message"])
+        )
+        # Two of them fit: then they are decoded, and these have no pixels to decode.
+        body = {"messages": _image_parts([_png_header(6000, 6000)] * 2)}
+        error = assert_error(client.post("/v1/chat/completions", json=body)[1], 400)
+        assert "could not be decoded" in error["message"]
+        assert fake.calls == []
+
+
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_untokenized(tmp_path: Path) -> None:
+    fake = FakeChat()
+    fake.max_token_chars = 16  # context 64 tokens: at most 1024 characters
+    with serving(tmp_path, "chat", fake) as (client, _):
+        text = "word " * (3 * 1024 * 1024 // 5)  # 3 MiB
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]}
+        error = assert_error(client.post("/v1/chat/completions", json=body)[1], 400)
+        assert error["code"] == "context_length_exceeded"
+        assert (error["n_prompt_chars"], error["n_ctx"]) == (len(text), 64)
+        assert fake.calls == []  # never rendered nor tokenized
+        short = {"messages": [{"role": "user", "content": "x" * 1000}]}
+        assert client.post("/v1/chat/completions", json=short)[1].status == 200
+        assert len(fake.calls) == 1

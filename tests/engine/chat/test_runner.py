@@ -427,3 +427,11 @@ def test_text_only_penalties_change_the_output(text_runner: ChatRunner) -> None:
     plain = [s.token for s in run(text_runner, prompt, replace(GREEDY, max_tokens=24))]
     penalised = replace(GREEDY, max_tokens=24, repetition_penalty=5.0, presence_penalty=5.0)
     assert [s.token for s in run(text_runner, prompt, penalised)] != plain
+
+
+def test_max_token_chars_bounds_every_token(runner: ChatRunner) -> None:
+    vocab = runner.tokenizer.get_vocab()
+    assert runner.max_token_chars == max(len(token) for token in vocab)
+    ids = runner.tokenizer.encode("A sentence, with punctuation!  And spaces.")
+    pieces = [runner.tokenizer.decode([i]) for i in ids]
+    assert all(len(piece) <= runner.max_token_chars for piece in pieces)
