@@ -93,6 +93,10 @@ class Config:
         "before decoding where it says; 0: no limit)",
         metavar="SECONDS",
     )
+    stt_vad: bool = setting(
+        False, "voice activity detection by default: only speech reaches Whisper (field: vad)"
+    )
+    stt_vad_model: str = setting("silero-vad", "the VAD model: store id or directory")
     chat_allow_image_urls: bool = setting(
         False,
         "let chat fetch http(s) image URLs (off: base64 data: URLs only)",

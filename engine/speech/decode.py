@@ -22,7 +22,7 @@ from greenlet import greenlet
 from engine.config import Config
 from engine.errors import status_error
 from engine.modelthread import Cancelled, Inbox, Job, Policy, as_client_error
-from engine.speech.request import MIN_TIME_LIMIT_S, SttJob
+from engine.speech.request import MIN_TIME_LIMIT_S, Options, SttJob
 
 log = logging.getLogger("mlxd.stt")
 
@@ -123,13 +123,27 @@ def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
         probs = runner.detect_language(request.audio, on_window=clock.tick)
         best = max(probs, key=probs.get)
         return {"text": "", "segments": [], "language": best, "language_probs": probs}
+    if options.vad is not None and request.vad_dir is not None:
+        from engine.speech.vad import transcribe_speech  # MLX: on the model thread only
+
+        return transcribe_speech(
+            request.vad_dir,
+            request.audio,
+            options.vad,
+            lambda audio: _whisper(runner, audio, options, clock),
+            options.language,
+        )
+    return _whisper(runner, request.audio, options, clock)
+
+
+def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _Deadline) -> dict:
     extra: dict[str, Any] = {}
     if options.best_of is not None:
         extra["best_of"] = options.best_of
     if options.no_timestamps:
         extra["without_timestamps"] = True
     return runner.transcribe(
-        request.audio,
+        audio,
         language=options.language,
         task=options.task,
         temperature=options.temperatures,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from engine.speech.request import (
     time_limit,
 )
 from engine.speech.response import openai_response, whisper_response
-from engine.store import ModelInfo
+from engine.store import ModelInfo, ModelMissing, Store
 from engine.validation import LARGE_BODY_BYTES
 
 log = logging.getLogger("mlxd.stt")
@@ -118,8 +119,20 @@ async def inference(request: Request) -> HTTPResponse:
 async def _transcribe(request: Request, audio: np.ndarray, options: Options) -> dict:
     if len(audio) == 0:  # offset_t past the end: nothing to transcribe, as whisper-server
         return {"text": "", "segments": [], "language": options.language or "en"}
-    limit = time_limit(request.app.ctx.config, len(audio) / SAMPLE_RATE)
-    return await run_job(request, SttJob(audio, options, limit))
+    config = request.app.ctx.config
+    vad_dir = _vad_model(config) if options.vad is not None else None
+    limit = time_limit(config, len(audio) / SAMPLE_RATE)
+    return await run_job(request, SttJob(audio, options, limit, vad_dir))
+
+
+def _vad_model(config: Config) -> Path:
+    """The VAD model's directory; not installed: a 400 naming the command that installs it."""
+    try:
+        return Store(config.home).resolve(config.stt_vad_model, "vad").path
+    except ModelMissing as exc:
+        raise InvalidRequest(
+            f"vad needs the voice activity detector: {exc}", param="vad", code="vad_unavailable"
+        ) from None
 
 
 @bp.post("/v1/audio/transcriptions")
@@ -134,7 +147,7 @@ async def translations(request: Request) -> HTTPResponse:
 
 async def _openai(request: Request, task: str) -> HTTPResponse:
     await parse_form(request)
-    options, layout = openai_options(Fields(request), task)
+    options, layout = openai_options(Fields(request), task, request.app.ctx.config)
     audio = await _prepare(request)
     seconds = len(audio) / SAMPLE_RATE
     layout = replace(layout, duration_s=seconds, clip_s=seconds)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from sanic import Request
@@ -19,6 +20,18 @@ TRUE_WORDS = ("true", "1", "yes", "y", "on")
 FALSE_WORDS = ("false", "0", "no", "n", "off", "")
 DEFAULT_MAX_LEN = 60  # whisper-server wraps segments at 60 bytes when max_len is 0
 MIN_TIME_LIMIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class VadParams:
+    """whisper-server's VAD parameters and defaults (engine.speech.vad applies them)."""
+
+    threshold: float = 0.5
+    min_speech_duration_ms: int = 250
+    min_silence_duration_ms: int = 100
+    max_speech_duration_s: float = math.inf
+    speech_pad_ms: int = 30
+    samples_overlap: float = 0.1  # seconds of audio kept after each span when splicing
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,7 @@ class Options:
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
+    vad: VadParams | None = None  # None: the whole audio reaches Whisper
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,7 @@ class SttJob:
     audio: np.ndarray  # the samples to transcribe (after offset_t/duration)
     options: Options
     time_limit_s: float | None
+    vad_dir: Path | None = None  # the VAD model, when options.vad is set
 
 
 @dataclass(frozen=True)
@@ -132,22 +147,11 @@ _IGNORED_FLAGS = (
     "debug_mode",
     "suppress_nst",
     "suppress_non_speech",
-    "vad",
     "print_special",
     "print_progress",
 )
-_IGNORED_NUMBERS = (
-    "word_thold",
-    "vad_threshold",
-    "vad_max_speech_duration_s",
-    "vad_samples_overlap",
-)
-_IGNORED_INTEGERS = (
-    "audio_ctx",
-    "vad_min_speech_duration_ms",
-    "vad_min_silence_duration_ms",
-    "vad_speech_pad_ms",
-)
+_IGNORED_NUMBERS = ("word_thold",)
+_IGNORED_INTEGERS = ("audio_ctx",)
 
 
 def _check_ignored(fields: Fields) -> None:
@@ -187,6 +191,7 @@ def inference_options(fields: Fields, config: Config) -> tuple[Options, Layout, 
         logprob_threshold=fields.number("logprob_thold", -1.0, -1e6, 1e6),
         no_speech_threshold=fields.number("no_speech_thold", 0.6, 0.0, 1.0),
         condition_on_previous_text=max_context != 0,
+        vad=vad_params(fields, config),
     )
     max_len = fields.integer("max_len", 0, 0) or DEFAULT_MAX_LEN
     layout = Layout(
@@ -199,10 +204,32 @@ def inference_options(fields: Fields, config: Config) -> tuple[Options, Layout, 
     return options, layout, window
 
 
+def vad_params(fields: Fields, config: Config) -> VadParams | None:
+    """whisper-server's VAD fields (its defaults); None unless `vad` (or --stt-vad) is on."""
+    if not fields.flag("vad", config.stt_vad):
+        return None
+    defaults = VadParams()
+    max_speech = fields.number("vad_max_speech_duration_s", math.inf, 0.0, math.inf)
+    return VadParams(
+        threshold=fields.number("vad_threshold", defaults.threshold, 0.0, 1.0),
+        min_speech_duration_ms=fields.integer(
+            "vad_min_speech_duration_ms", defaults.min_speech_duration_ms, 0
+        ),
+        min_silence_duration_ms=fields.integer(
+            "vad_min_silence_duration_ms", defaults.min_silence_duration_ms, 0
+        ),
+        max_speech_duration_s=max_speech if max_speech > 0 else math.inf,
+        speech_pad_ms=fields.integer("vad_speech_pad_ms", defaults.speech_pad_ms, 0),
+        samples_overlap=fields.number("vad_samples_overlap", defaults.samples_overlap, 0.0, 10.0),
+    )
+
+
 OPENAI_GRANULARITIES = ("word", "segment")
 
 
-def openai_options(fields: Fields, task: str) -> tuple[Options, Layout]:
+def openai_options(
+    fields: Fields, task: str, config: Config | None = None
+) -> tuple[Options, Layout]:
     """OpenAI's audio form: temperature 0 means "fall back as needed", as there."""
     response_format = (fields.text("response_format") or "json").lower()
     if response_format not in FORMATS:
@@ -221,6 +248,7 @@ def openai_options(fields: Fields, task: str) -> tuple[Options, Layout]:
         temperatures=_fallback(0.0, 0.2) if temperature == 0 else (temperature,),
         prompt=fields.text("prompt") or None,
         word_timestamps=verbose and "word" in granularities,
+        vad=vad_params(fields, config or Config()),
     )
     layout = Layout(
         response_format=response_format,

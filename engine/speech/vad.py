@@ -11,6 +11,7 @@ only the LSTM steps run in sequence.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from engine.audio import SAMPLE_RATE
+from engine.speech.request import VadParams
 
 FRAME = 512  # samples per probability at 16 kHz
 CONTEXT = 64  # samples of the previous frame each frame sees
@@ -98,16 +100,6 @@ def _frames(audio: np.ndarray) -> np.ndarray:
 
 
 # ---- probabilities to speech spans (whisper-server's parameters and defaults) --------------
-
-
-@dataclass(frozen=True)
-class VadParams:
-    threshold: float = 0.5
-    min_speech_duration_ms: int = 250
-    min_silence_duration_ms: int = 100
-    max_speech_duration_s: float = math.inf
-    speech_pad_ms: int = 30
-    samples_overlap: float = 0.1  # seconds of audio kept after each span when splicing
 
 
 MIN_SILENCE_AT_MAX_SPEECH_MS = 98  # a silence this long is where an over-long span may be cut
@@ -260,3 +252,30 @@ class Splice:
                     if key in item:
                         item[key] = round(self.to_original(item[key]), 3)
         return result
+
+
+_LOADED: dict[Path, SileroVad] = {}  # model thread only
+
+
+def detector(model_dir: Path) -> SileroVad:
+    """The VAD at `model_dir`, loaded on first use and kept."""
+    key = Path(model_dir).resolve()
+    if key not in _LOADED:
+        _LOADED[key] = SileroVad.load(key)
+    return _LOADED[key]
+
+
+def transcribe_speech(
+    model_dir: Path,
+    audio: np.ndarray,
+    params: VadParams,
+    transcribe: Callable[[np.ndarray], dict],
+    language: str | None,
+) -> dict:
+    """Whisper (`transcribe`) on the speech in `audio` only, its times in `audio`'s timeline;
+    audio without speech is an empty transcription at once."""
+    spans = speech_spans(detector(model_dir).probabilities(audio), len(audio), params)
+    if not spans:
+        return {"text": "", "segments": [], "language": language or "en"}
+    splice = Splice.join(audio, spans, params.samples_overlap)
+    return splice.remap(transcribe(splice.audio))
