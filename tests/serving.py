@@ -17,6 +17,18 @@ import httpx
 PORT_FLAGS = {"chat": "--chat-port", "embeddings": "--embeddings-port", "stt": "--stt-port"}
 
 
+def poll_until(
+    predicate: Callable[[], bool], what: str, tries: int = 1200, interval: float = 0.05
+) -> None:
+    """Wait for ``predicate``, checking it ``tries`` times; only a guard against a hang (the
+    wait is not timed: on a loaded machine each sleep just lasts longer)."""
+    for _ in range(tries):
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not seen after {tries} checks")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

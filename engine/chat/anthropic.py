@@ -28,6 +28,7 @@ from engine.validation import (
     optional_array,
     optional_bool,
     optional_number,
+    optional_object,
     parse_json_body,
     wrong_type,
 )
@@ -65,19 +66,15 @@ def chat_body(body: dict[str, Any], *, for_count: bool = False) -> dict[str, Any
     thinking = _thinking(body.get("thinking"))
     if thinking is not None:
         out["chat_template_kwargs"] = {"enable_thinking": thinking}
-    schema = _output_schema(body.get("output_config"))
+    schema = _output_schema(body)
     if schema is not None:
         out["response_format"] = {"type": "json_schema", "json_schema": {"schema": schema}}
     return out
 
 
-def _output_schema(value: Any) -> dict[str, Any] | None:
+def _output_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     """Structured outputs: `output_config.format` {"type": "json_schema", "schema": ...}."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise wrong_type("output_config", "an object", value)
-    fmt = value.get("format")
+    fmt = optional_object(body, "output_config").get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
@@ -447,7 +444,7 @@ async def messages(request: Request) -> HTTPResponse | None:
     body = parse_json_body(request)
     model = _model(request, body)
     stream = optional_bool(body, "stream")
-    chat = await parse_request(request, {**chat_body(body), "n": 1})
+    chat = await parse_request(request, chat_body(body))
     running = await jobs.start(request, chat)
     meta = {"id": f"msg_{uuid.uuid4().hex[:24]}", "model": model, "created": int(time.time())}
     if stream:

@@ -161,11 +161,8 @@ async def create(request: Request) -> HTTPResponse | None:
     out, outcomes = [], []
     for p, (chat, run) in enumerate(zip(chats, runs, strict=True)):
         choices = [Choice(p * chat.n + i, chat.prompt if echo else "") for i in range(chat.n)]
-        for piece in run.early:
+        async for piece in jobs.pieces(run):
             choices[piece.index].add(piece)
-        async for batch in run.events:
-            for piece in batch:
-                choices[piece.index].add(piece)
         outcome = await run.job.result()
         outcomes.append(outcome)
         for i, choice in enumerate(choices):
@@ -214,18 +211,18 @@ def _piece_chunks(
     meta: dict[str, Any], choices: list[Choice], pieces: list[Piece], with_logprobs: bool
 ) -> str:
     """The pieces that arrived together: one chunk per choice."""
-    texts: dict[int, list[Piece]] = {}
+    groups: dict[int, list[Piece]] = {}
     for piece in pieces:
-        texts.setdefault(piece.index, []).append(piece)
+        groups.setdefault(piece.index, []).append(piece)
     out = []
-    for index, group in texts.items():
-        choice = Choice(choices[index].index, choices[index].text)
+    for index, group in groups.items():
+        choice = choices[index]
+        seen = len(choice.logprobs["tokens"])
         for piece in group:
             choice.add(piece)
-            choices[index].add(piece)
-        logprobs = choice.logprobs if with_logprobs else None
+        new = {key: values[seen:] for key, values in choice.logprobs.items()}
         text = "".join(piece.text for piece in group)
-        out.append(_chunk(meta, choice, text, None, logprobs))
+        out.append(_chunk(meta, choice, text, None, new if with_logprobs else None))
     return "".join(out)
 
 

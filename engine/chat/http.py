@@ -64,6 +64,7 @@ ROUTES = (
 )
 for handler, uri, method, name in ROUTES:
     bp.add_route(handler, uri, methods=[method], name=name)
+bp.before_server_start(responses.attach_store)
 
 
 def load(model: ModelInfo, config: Config) -> Any:

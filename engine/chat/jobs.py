@@ -65,14 +65,20 @@ async def count_tokens(request: Request, chat: ChatRequest) -> int:
     return outcome.prompt_tokens
 
 
+async def pieces(running: Running) -> AsyncIterator[Piece]:
+    """Every piece of the job, in order, until it ends."""
+    for piece in running.early:
+        yield piece
+    async for batch in running.events:
+        for piece in batch:
+            yield piece
+
+
 async def gather(running: Running) -> ChatOutcome:
     """Every piece into its reply; the outcome once the job is done."""
     replies = running.replies
-    for piece in running.early:
+    async for piece in pieces(running):
         replies[piece.index].add(piece)
-    async for batch in running.events:
-        for piece in batch:
-            replies[piece.index].add(piece)
     for reply in replies:
         reply.finish()
     return await running.job.result()

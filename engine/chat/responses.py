@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from sanic import HTTPResponse, Request
+from sanic import HTTPResponse, Request, Sanic
 from sanic.response import json as json_response
 
 from engine.app import resolve_requested_model
@@ -34,6 +34,7 @@ from engine.validation import (
     optional_array,
     optional_bool,
     optional_number,
+    optional_object,
     parse_json_body,
     wrong_type,
 )
@@ -89,11 +90,13 @@ class ResponseStore:
         return stored is not None
 
 
+async def attach_store(app: Sanic) -> None:
+    """Listener (before the server starts): the app's response store."""
+    app.ctx.response_store = ResponseStore()
+
+
 def _store(request: Request) -> ResponseStore:
-    ctx = request.app.ctx
-    if getattr(ctx, "response_store", None) is None:
-        ctx.response_store = ResponseStore()
-    return ctx.response_store
+    return request.app.ctx.response_store
 
 
 def _stored(request: Request, response_id: str, param: str | None = None) -> Stored:
@@ -236,12 +239,8 @@ def _tool_choice(value: Any) -> Any:
     )
 
 
-def _text_format(value: Any) -> dict[str, Any] | None:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise wrong_type("text", "an object", value)
-    fmt = value.get("format")
+def _text_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    fmt = optional_object(body, "text").get("format")
     if fmt is None:
         return None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -297,7 +296,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
         out["tools"] = tools
     if (choice := _tool_choice(body.get("tool_choice"))) is not None:
         out["tool_choice"] = choice
-    if (fmt := _text_format(body.get("text"))) is not None:
+    if (fmt := _text_format(body)) is not None:
         out["response_format"] = fmt
     if (effort := _effort(body.get("reasoning"))) is not None:
         out["reasoning_effort"] = effort

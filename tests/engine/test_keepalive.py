@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,16 +23,9 @@ from engine.memory import Limits, ModelTooLarge, check_fits, parse_size
 from engine.modelthread import ModelState, ModelThread
 from tests.engine.fakes import FakeEmbeddings, fake_model_dir, fake_spec
 from tests.engine.test_app import assert_error, serving, wait_ready
-from tests.serving import Server, free_port, serve_one
+from tests.serving import Server, free_port, poll_until, serve_one
 
 POLL_S = 60  # generous: the unload itself is not timed
-
-
-def poll(predicate: Callable[[], bool], what: str, timeout: float = POLL_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # ---- parsing ---------------------------------------------------------------------------------
@@ -112,11 +104,13 @@ def echo_policy(runner: str, inbox) -> None:
             job.finish((runner, job.payload))
 
 
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + POLL_S
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+async def until(predicate: Callable[[], bool], what: str, tries: int = 6000) -> None:
+    """Like poll_until, on the event loop (a hang guard, not a timing)."""
+    for _ in range(tries):
+        if predicate():
+            return
         await asyncio.sleep(0.01)
+    raise AssertionError(f"{what}: not seen after {tries} checks")
 
 
 def run_thread(keep_alive: float | None, body: Callable) -> tuple[Loads, ModelThread]:
@@ -199,7 +193,9 @@ def test_keep_alive_frees_the_memory_and_the_next_request_reloads(tmp_path: Path
         _, first = client.post("/v1/embeddings", json={"input": "hi"}, headers=auth)
         loaded = client.get("/mlxd/ps", headers=auth)[1].json
         rss_loaded = rss()
-        poll(lambda: client.get("/health")[1].json.get("model") == "unloaded", "the idle unload")
+        poll_until(
+            lambda: client.get("/health")[1].json.get("model") == "unloaded", "the idle unload"
+        )
         assert client.get("/health")[1].json == {"status": "ok", "model": "unloaded"}
         unloaded = client.get("/mlxd/ps", headers=auth)[1].json
         assert rss() < rss_loaded - 32 * 1024 * 1024  # most of the 64 MiB went back
@@ -216,7 +212,7 @@ def test_keep_alive_0_in_a_request_unloads_after_it(tmp_path: Path) -> None:
     with serving(tmp_path, "embeddings") as (client, _):
         _, response = client.post("/v1/embeddings", json={"input": "a", "keep_alive": 0})
         assert response.status == 200
-        poll(lambda: client.get("/health")[1].json.get("model") == "unloaded", "the unload")
+        poll_until(lambda: client.get("/health")[1].json.get("model") == "unloaded", "the unload")
         _, response = client.post("/v1/embeddings", json={"input": "a"})
         assert response.status == 200 and "x-mlxd-load-ms" in response.headers
         assert client.get("/health")[1].json == {"status": "ok"}
@@ -240,7 +236,7 @@ def test_a_model_over_the_memory_limit_is_refused(tmp_path: Path) -> None:
     )
     spec, _ = fake_spec("embeddings")
     with ReusableClient(create_app(spec, config), port=free_port()) as client:
-        poll(
+        poll_until(
             lambda: (
                 client.get("/health")[1].status == 503
                 and "does not fit" in str(client.get("/health")[1].json)

@@ -291,6 +291,9 @@ def test_responses_json_schema_images_store_and_delete(tmp_path) -> None:
         assert fake.calls[-1]["images"][0].getpixel((0, 0)) == (0, 0, 255)
         assert api.responses.retrieve(response.id).id == response.id
         assert [i.type for i in api.responses.input_items.list(response.id).data] == ["message"]
+        assert api.responses.input_items.list(response.id, order="asc").data[0].role == "user"
+        bad_order = httpx.get(f"{url}/v1/responses/{response.id}/input_items?order=up")
+        assert bad_order.status_code == 400 and bad_order.json()["error"]["param"] == "order"
         api.responses.delete(response.id)
         with pytest.raises(openai.NotFoundError):
             api.responses.retrieve(response.id)

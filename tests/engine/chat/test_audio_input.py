@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,7 +29,7 @@ from engine.chat.runner import ChatParams, ChatRunner
 from engine.config import build_config
 from tests.conftest import require_tool
 from tests.engine.test_app import assert_error
-from tests.serving import Server, free_port, serve_one
+from tests.serving import Server, free_port, poll_until, serve_one
 from tests.wav_files import int_wav
 
 QUESTION = {"type": "text", "text": "What do you hear?"}
@@ -200,10 +199,7 @@ def serving_model(tmp_path: Path, model_dir: Path) -> Iterator[ReusableClient]:
     Sanic._app_registry.clear()
     config = build_config({"home": str(tmp_path), "chat_model": str(model_dir)})
     with ReusableClient(create_app(services.spec("chat"), config), port=free_port()) as client:
-        deadline = time.monotonic() + 120
-        while client.get("/health")[1].status != 200:
-            assert time.monotonic() < deadline, "the model never became ready"
-            time.sleep(0.1)
+        poll_until(lambda: client.get("/health")[1].status == 200, "the model ready")
         yield client
 
 
