@@ -1,7 +1,9 @@
 """Audio decoding for speech-to-text: bytes in, float32 mono 16 kHz samples out.
 
-WAV, MP3, FLAC and Ogg Vorbis are decoded in-process with miniaudio at their native rate,
-down-mixed, then resampled with a polyphase filter (scipy.signal.resample_poly). Everything
+WAV, MP3, FLAC and Ogg Vorbis are decoded in-process with miniaudio at their native rate a block
+at a time, down-mixed and resampled block by block with a polyphase filter
+(scipy.signal.resample_poly, `StreamResampler`) in float32 into one buffer sized from the
+header, so they too peak near the float32 size of the samples. Everything
 else (m4a/mp4, webm, Ogg Opus, AIFF, ...) goes through the ffmpeg binary when one is given, its
 output read in chunks straight into one float32 buffer (sized from the probed duration), so
 decoding peaks near the float32 size of the samples.
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from math import gcd
 from pathlib import Path
 
@@ -30,6 +33,8 @@ MIN_SAMPLES = SAMPLE_RATE // 100  # 10 ms: anything shorter is a broken file, no
 FFMPEG_TIMEOUT_S = 600.0
 MAX_AUDIO_SECONDS = 4 * 3600.0  # the default of --stt-max-audio-seconds
 _CHUNK_BYTES = 1 << 20  # ffmpeg output read per step: 64 Ki stereo float32 frames
+_STREAM_FRAMES = 1 << 16  # frames miniaudio decodes per step
+_RESAMPLE_BLOCK = 1 << 18  # input samples resampled per step (about 6 s at 44.1 kHz)
 _DURATION = re.compile(rb"Duration: (\d+):(\d{2}):(\d{2}(?:\.\d+)?)")
 _EXTRA_FFMPEG_DIRS = ("/opt/homebrew/bin", "/usr/local/bin")
 _IN_PROCESS = ("wav", "wav (RF64)", "mp3", "flac", "ogg/vorbis")
@@ -217,56 +222,118 @@ def _sniff_other(head: bytes) -> str:
 
 def _decode_in_process(data: bytes, kind: str, label: str) -> np.ndarray:
     try:
-        decoded = _miniaudio_read(data, kind)
+        rate, channels, frames = _native_format(data, kind)
+        if rate <= 0 or channels <= 0:
+            raise AudioError(f"the {kind} audio{label} has an invalid sample rate or channel count")
+        resampler = StreamResampler(rate, expected=frames)
+        for block in _decoded_blocks(data, rate, channels):
+            resampler.feed(block)
+        return resampler.finish()
     except miniaudio.MiniaudioError as exc:
         raise AudioError(
             f"could not decode the {kind} audio{label}: the file is corrupt or truncated"
         ) from exc
-    if decoded.sample_rate <= 0 or decoded.nchannels <= 0:
-        raise AudioError(f"the {kind} audio{label} has an invalid sample rate or channel count")
-    return _to_mono_16k(_as_float32(decoded), decoded.nchannels, decoded.sample_rate)
 
 
-def _miniaudio_read(data: bytes, kind: str) -> miniaudio.DecodedSoundFile:
-    if kind.startswith("wav"):
-        return miniaudio.wav_read_f32(data)
-    if kind == "mp3":
-        return miniaudio.mp3_read_f32(data)
-    if kind == "flac":
-        return miniaudio.flac_read_f32(data)
-    return miniaudio.vorbis_read(data)  # signed 16-bit; stb_vorbis has no f32 reader here
+def _native_format(data: bytes, kind: str) -> tuple[int, int, int]:
+    """Sample rate, channels and frames (as the header says) of an in-process format."""
+    info = {
+        "mp3": miniaudio.mp3_get_info,
+        "flac": miniaudio.flac_get_info,
+        "ogg/vorbis": miniaudio.vorbis_get_info,
+    }.get(kind, miniaudio.wav_get_info)(data)
+    return info.sample_rate, info.nchannels, max(0, info.num_frames)
 
 
-def _as_float32(decoded: miniaudio.DecodedSoundFile) -> np.ndarray:
-    if decoded.sample_format == miniaudio.SampleFormat.FLOAT32:
-        return np.frombuffer(decoded.samples, dtype=np.float32)
-    if decoded.sample_format == miniaudio.SampleFormat.SIGNED16:
-        return np.frombuffer(decoded.samples, dtype=np.int16).astype(np.float32) / 32768.0
-    raise AudioError(f"unexpected decoded sample format {decoded.sample_format}")
+def _decoded_blocks(data: bytes, rate: int, channels: int) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at the native rate: the file is decoded a block at a time, never
+    held whole (nor widened) in memory."""
+    stream = miniaudio.stream_memory(
+        data,
+        output_format=miniaudio.SampleFormat.FLOAT32,
+        nchannels=channels,
+        sample_rate=rate,
+        frames_to_read=_STREAM_FRAMES,
+    )
+    for chunk in stream:
+        frames = np.frombuffer(chunk, dtype=np.float32)
+        frames = frames[: frames.size // channels * channels].reshape(-1, channels)
+        mono = frames.mean(axis=1, dtype=np.float32) if channels > 1 else frames[:, 0]
+        yield np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _to_mono_16k(interleaved: np.ndarray, channels: int, rate: int) -> np.ndarray:
-    frames = interleaved.size // channels
-    x = interleaved[: frames * channels].reshape(frames, channels)
-    mono = x.mean(axis=1, dtype=np.float64) if channels > 1 else x[:, 0].astype(np.float64)
-    mono = np.nan_to_num(mono, nan=0.0, posinf=0.0, neginf=0.0)
-    if rate != SAMPLE_RATE and mono.size:
-        mono = _resample(mono, rate)
-    return np.ascontiguousarray(mono, dtype=np.float32)
+class StreamResampler:
+    """Polyphase windowed-sinc resampling to 16 kHz, fed block by block, in float32.
+
+    The filter has the parameters of ffmpeg's default resampler (16 taps a side, Kaiser beta 9,
+    cutoff 0.97 of Nyquist), so the samples match what mlx_whisper's own ffmpeg-based loader
+    feeds the model (RMS difference ~5e-5 on speech, against ~8e-4 with scipy's default filter:
+    enough to change a word now and then). Each block of input is resampled with `margin`
+    samples of real context on both sides and starts at a multiple of `down`, so its outputs
+    are exactly those of resampling the whole signal at once; memory stays a few blocks plus
+    the output (float32, preallocated growth).
+    """
+
+    def __init__(self, rate: int, *, expected: int = 0) -> None:
+        """`expected`: the input length the header gives (sizes the output once; may be off)."""
+        from scipy.signal import firwin
+
+        g = gcd(SAMPLE_RATE, rate)
+        self.up, self.down = SAMPLE_RATE // g, rate // g
+        wider = max(self.up, self.down)
+        taps = firwin(2 * 16 * wider + 1, 0.97 / wider, window=("kaiser", 9.0))
+        self.taps = taps.astype(np.float32)
+        reach = len(taps) // 2 // self.up + 2  # input samples the filter sees on each side
+        self.margin = -(-reach // self.down) * self.down
+        self.block = self.down * max(1, _RESAMPLE_BLOCK // self.down)
+        self.pending = np.zeros(0, np.float32)  # input from `start - left` on
+        self.start = 0  # the next input sample to resample (a multiple of `down`)
+        self.left = 0  # context kept before `start` (margin, less at the signal's start)
+        self.out = _Growing(-(-expected * self.up // self.down))
+
+    def feed(self, samples: np.ndarray) -> None:
+        if self.up == self.down:
+            self.out.extend(samples)
+            return
+        self.pending = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
+        while self.pending.size >= self.left + self.block + self.margin:
+            self._resample(self.left + self.block + self.margin, self.block)
+
+    def finish(self) -> np.ndarray:
+        if self.up != self.down and self.pending.size > self.left:
+            self._resample(self.pending.size, self.pending.size - self.left)
+        return self.out.array()
+
+    def _resample(self, upto: int, count: int) -> None:
+        from scipy.signal import resample_poly
+
+        segment = self.pending[:upto]
+        y = resample_poly(segment, self.up, self.down, window=self.taps)
+        first = self.left * self.up // self.down
+        self.out.extend(y[first : first + -(-count * self.up // self.down)])
+        self.start += count
+        keep_from = self.left + count - self.margin
+        self.left = min(self.margin, self.start)
+        self.pending = self.pending[max(0, keep_from) :].copy()
 
 
-def _resample(x: np.ndarray, rate: int) -> np.ndarray:
-    """Polyphase windowed-sinc resampling to 16 kHz with the parameters of ffmpeg's default
-    resampler (16 taps a side, Kaiser beta 9, cutoff 0.97 of Nyquist), so the samples match
-    what mlx_whisper's own ffmpeg-based loader feeds the model (RMS difference ~5e-5 on speech,
-    against ~8e-4 with scipy's default filter: enough to change a word now and then)."""
-    from scipy.signal import firwin, resample_poly
+class _Growing:
+    """A float32 array grown in place (amortised past its initial capacity), returned as a
+    view of what was written (a copy would double the peak for a little slack)."""
 
-    g = gcd(SAMPLE_RATE, rate)
-    up, down = SAMPLE_RATE // g, rate // g
-    wider = max(up, down)
-    taps = firwin(2 * 16 * wider + 1, 0.97 / wider, window=("kaiser", 9.0))
-    return resample_poly(x, up, down, window=taps)
+    def __init__(self, capacity: int = 0) -> None:
+        self.data = np.empty(capacity, np.float32)
+        self.size = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        end = self.size + values.size
+        if end > self.data.size:
+            self.data = np.resize(self.data, max(end, self.data.size + self.data.size // 4))
+        self.data[self.size : end] = values
+        self.size = end
+
+    def array(self) -> np.ndarray:
+        return self.data[: self.size]
 
 
 def _decode_with_ffmpeg(

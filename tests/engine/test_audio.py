@@ -6,6 +6,7 @@ import io
 import shutil
 import subprocess
 import wave
+from math import gcd
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,28 @@ def test_a_header_without_a_length_stops_the_decoder_at_the_limit(
 def test_within_the_limit_decodes(encoded: dict[str, bytes]) -> None:
     for ext in ("flac", "opus"):
         _assert_sine(decode_audio(encoded[ext], ffmpeg=find_ffmpeg(), max_seconds=1.5), 1.0, 0.05)
+
+
+# ---- resampling block by block ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [44_100, 48_000, 22_050, 8_000])
+@pytest.mark.parametrize("length", [1, 999, 5_000, 123_457])
+def test_block_by_block_resampling_equals_resampling_the_whole_signal(
+    rate: int, length: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy.signal import firwin, resample_poly
+
+    monkeypatch.setattr(audio, "_RESAMPLE_BLOCK", 2_000)  # many blocks, odd feeds
+    x = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    resampler = audio.StreamResampler(rate, expected=length // 2)
+    for start in range(0, length, 3_001):
+        resampler.feed(x[start : start + 3_001])
+    got = resampler.finish()
+    g = gcd(audio.SAMPLE_RATE, rate)
+    up, down = audio.SAMPLE_RATE // g, rate // g
+    wider = max(up, down)
+    taps = firwin(2 * 16 * wider + 1, 0.97 / wider, window=("kaiser", 9.0))
+    whole = resample_poly(x.astype(np.float64), up, down, window=taps)
+    assert got.dtype == np.float32 and got.shape == whole.shape
+    np.testing.assert_allclose(got, whole, atol=1e-5)
