@@ -18,12 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.audio import SAMPLE_RATE, AudioError, decode_audio, find_ffmpeg
+from engine.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_audio, find_ffmpeg
 from engine.errors import InvalidRequest
 from engine.validation import wrong_type
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 AUDIO_PART = {"type": "audio"}  # what the chat template sees where a clip goes
+# Longer clips are refused from their header, before decoding: twice the longest clip any
+# audio tower here takes (Gemma's 30 s); the model thread then applies the model's own limit.
+MAX_DECODE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,9 @@ def decode_clip(ref: AudioRef) -> AudioClip:
 def clip_from_bytes(raw: bytes, param: str) -> AudioClip:
     """An encoded file (WAV, MP3, FLAC, Ogg; other containers with ffmpeg) to a clip."""
     try:
-        samples = decode_audio(raw, ffmpeg=find_ffmpeg())
+        samples = decode_audio(raw, ffmpeg=find_ffmpeg(), max_seconds=MAX_DECODE_SECONDS)
+    except AudioTooLong as exc:
+        raise _too_long(param, exc.seconds, exc.limit_s) from None
     except AudioError as exc:
         raise InvalidRequest(f"{param}: {exc}", param=param, code="invalid_audio") from None
     digest = hashlib.sha256(samples.tobytes()).hexdigest()
@@ -91,12 +96,16 @@ async def decode_clips(refs: list[AudioRef]) -> list[AudioClip]:
 
 
 def audio_too_long(clip: AudioClip, limit_s: float) -> InvalidRequest:
+    return _too_long(clip.param, clip.seconds, limit_s)
+
+
+def _too_long(param: str, seconds: float, limit_s: float) -> InvalidRequest:
     return InvalidRequest(
-        f"{clip.param} is {clip.seconds:.1f} s of audio, longer than the {limit_s:g} s this "
+        f"{param} is {seconds:.1f} s of audio, longer than the {limit_s:g} s this "
         "model takes per clip: cut it or send it in parts",
-        param=clip.param,
+        param=param,
         code="audio_too_long",
-        extra={"audio_seconds": round(clip.seconds, 3), "max_audio_seconds": limit_s},
+        extra={"audio_seconds": round(seconds, 3), "max_audio_seconds": limit_s},
     )
 
 

@@ -27,6 +27,7 @@ from engine.chat.audio_input import AudioClip, clip_from_bytes
 from engine.chat.audio_tower import embed_audio, expand_audio
 from engine.chat.runner import ChatParams, ChatRunner
 from engine.config import build_config
+from engine.errors import InvalidRequest
 from tests.conftest import require_tool
 from tests.engine.test_app import assert_error
 from tests.serving import Server, free_port, poll_until, serve_one
@@ -120,6 +121,24 @@ def test_a_clip_past_the_limit_names_both_lengths(server: Server) -> None:
     assert error["param"] == "messages[0].content[0].input_audio"
     assert "31.0 s" in error["message"] and "30 s" in error["message"]
     assert (error["audio_seconds"], error["max_audio_seconds"]) == (31.0, 30.0)
+
+
+def test_a_clip_past_the_decode_cap_is_refused_before_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from engine import audio
+    from engine.chat.audio_input import MAX_DECODE_SECONDS
+
+    def decoded(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the clip was decoded")
+
+    monkeypatch.setattr(audio, "_decode_in_process", decoded)
+    long = int_wav(tone(MAX_DECODE_SECONDS + 5, 440.0, 8_000), 8_000, channels=1)
+    with pytest.raises(InvalidRequest) as refused:
+        clip_from_bytes(long, "messages[0].content[0].input_audio")
+    error = refused.value
+    assert error.code == "audio_too_long" and error.param == "messages[0].content[0].input_audio"
+    assert f"{MAX_DECODE_SECONDS:g} s" in str(error)
 
 
 @pytest.mark.parametrize(
