@@ -142,6 +142,8 @@ def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _D
         extra["best_of"] = options.best_of
     if options.no_timestamps:
         extra["without_timestamps"] = True
+    if options.beam_size > 1:
+        extra["beam_size"] = options.beam_size
     return runner.transcribe(
         audio,
         language=options.language,
@@ -151,6 +153,7 @@ def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _D
         word_timestamps=options.word_timestamps,
         language_probs=options.language_probs,
         on_window=clock.tick,
+        entropy_threshold=options.entropy_threshold,
         compression_ratio_threshold=options.compression_ratio_threshold,
         logprob_threshold=options.logprob_threshold,
         no_speech_threshold=options.no_speech_threshold,

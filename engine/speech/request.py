@@ -20,6 +20,7 @@ TRUE_WORDS = ("true", "1", "yes", "y", "on")
 FALSE_WORDS = ("false", "0", "no", "n", "off", "")
 DEFAULT_MAX_LEN = 60  # whisper-server wraps segments at 60 bytes when max_len is 0
 MIN_TIME_LIMIT_S = 60.0
+MAX_CANDIDATES = 16  # beam_size and best_of: candidates decoded together for one window
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class Options:
     detect_only: bool = False
     language_probs: bool = False
     best_of: int | None = None
+    beam_size: int = -1  # > 1: beam search at temperature 0 (whisper-server); else greedy
+    entropy_threshold: float | None = None  # whisper.cpp's repetition check (engine.speech.guards)
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
@@ -139,8 +142,8 @@ def _fallback(start: float, step: float) -> tuple[float, ...]:
 
 
 # Fields whisper-server accepts that change nothing here (checked for type, then ignored):
-# beam search (mlx-whisper 0.4.3 has none: greedy), word_thold, audio_ctx, diarization, VAD,
-# suppress_nst (non-speech tokens are always suppressed), debug_mode.
+# word_thold, audio_ctx, diarization, suppress_nst (non-speech tokens are always suppressed),
+# debug_mode.
 _IGNORED_FLAGS = (
     "diarize",
     "tinydiarize",
@@ -161,7 +164,6 @@ def _check_ignored(fields: Fields) -> None:
         fields.number(name, 0.0, -1e9, 1e9)
     for name in _IGNORED_INTEGERS:
         fields.integer(name, 0, -(2**31))
-    fields.integer("beam_size", -1, -1, 64)
 
 
 def inference_options(fields: Fields, config: Config) -> tuple[Options, Layout, tuple[int, int]]:
@@ -186,8 +188,11 @@ def inference_options(fields: Fields, config: Config) -> tuple[Options, Layout, 
         no_timestamps=no_timestamps,
         detect_only=detect_only,
         language_probs=verbose and not fields.flag("no_language_probabilities"),
-        best_of=fields.integer("best_of", 2, 1, 16),
-        compression_ratio_threshold=fields.number("entropy_thold", 2.4, 0.0, 1e6),
+        best_of=fields.integer("best_of", 2, 1, MAX_CANDIDATES),
+        beam_size=fields.integer("beam_size", -1, -1, MAX_CANDIDATES),
+        # whisper.cpp's entropy check replaces openai-whisper's compression ratio here.
+        entropy_threshold=fields.number("entropy_thold", 2.4, 0.0, 1e6),
+        compression_ratio_threshold=None,
         logprob_threshold=fields.number("logprob_thold", -1.0, -1e6, 1e6),
         no_speech_threshold=fields.number("no_speech_thold", 0.6, 0.0, 1.0),
         condition_on_previous_text=max_context != 0,

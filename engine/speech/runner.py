@@ -9,7 +9,10 @@ The model is loaded once from a local directory (never the hub) and handed to
 - it encodes each window once: mlx-whisper runs the encoder again for every fallback
   temperature, for word timestamps and (on long audio) for language detection. Same inputs,
   same results, fewer encoder passes;
-- it keeps the language probabilities of the detection pass for verbose_json.
+- it keeps the language probabilities of the detection pass for verbose_json;
+- it runs the temperature fallback ladder itself (engine.speech.guards: whisper.cpp's rules,
+  the entropy check among them), decoding a rung greedily with mlx-whisper or, for beam search
+  and best_of, with several candidates (engine.speech.beam). mlx-whisper sees one temperature.
 
 Each call's hooks and encoder cache live in a context variable: transcriptions that take turns
 (each in its own greenlet, which has its own context) or nest never see each other's.
@@ -24,7 +27,7 @@ import json
 import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +35,12 @@ import mlx.core as mx
 import numpy as np
 
 from engine.audio import SAMPLE_RATE
+from engine.speech.beam import decode_window
+from engine.speech.guards import Ladder, drop_repeated_segments, entropy_failed
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-# mlx-whisper 0.4.3 raises NotImplementedError for beam search: decode greedily instead.
-_UNSUPPORTED_OPTIONS = ("beam_size", "patience", "fp16", "verbose", "path_or_hf_repo")
+# Beam search has no patience here (nor in whisper.cpp); the others are the runner's to set.
+_UNSUPPORTED_OPTIONS = ("patience", "fp16", "verbose", "path_or_hf_repo")
 
 
 # mlx-whisper is installed apart from mlxd, without its declared (unused) torch requirement.
@@ -87,6 +92,7 @@ class _Call:
     """Per-request state of one transcribe call (a stack of them when calls nest)."""
 
     on_window: Callable[[], None]
+    ladder: Ladder = field(default_factory=Ladder)
     mel: mx.array | None = None
     features: mx.array | None = None
     language_probs: dict[str, float] | None = None
@@ -129,10 +135,26 @@ class _HookedModel:
         return call.features
 
     def decode(self, mel: mx.array, options: Any) -> Any:
-        self._before_window()
-        if mel.ndim != 2:
-            return self._model.decode(mel, options)
-        return self._model.decode(self._features(mel), options)
+        call = self.call
+        if call is None or mel.ndim != 2:
+            self._before_window()
+            return self._model.decode(self._features(mel) if mel.ndim == 2 else mel, options)
+        result = None
+        for temperature in call.ladder.temperatures:
+            self._before_window()
+            rung = replace(options, temperature=temperature)
+            result, repetitive = self._decode_rung(self._features(mel), rung, call.ladder)
+            if not call.ladder.needs_fallback(result, repetitive=repetitive):
+                break
+        return result
+
+    def _decode_rung(self, features: mx.array, options: Any, ladder: Ladder) -> tuple[Any, bool]:
+        """One temperature's result, and whether the entropy check rejected it."""
+        width = ladder.width(options.temperature)
+        if width > 1 and options.language is not None:
+            return decode_window(self._model, features, options, width, ladder.entropy_threshold)
+        result = self._model.decode(features, options)
+        return result, entropy_failed(result.tokens, ladder.entropy_threshold)
 
     def detect_language(self, mel: mx.array, tokenizer: Any = None) -> Any:
         self._before_window()
@@ -223,18 +245,22 @@ class SpeechRunner:
         it raises (Cancelled, a time limit) ends the transcription."""
         for name in _UNSUPPORTED_OPTIONS:
             decode_options.pop(name, None)
+        ladder = _ladder(temperature, decode_options)
         if not self.multilingual:
             language, task = "en", "transcribe"
         samples = _samples(audio)
-        with self._calling(on_window) as call:
+        with self._calling(on_window, ladder) as call:
             if language_probs and language is not None and self.multilingual:
                 self._model.detect_language(self._mel_window(samples))
             result = self._run(
                 samples,
                 language=language,
                 task=task,
-                temperature=temperature,
+                temperature=ladder.temperatures[0],
                 initial_prompt=initial_prompt,
+                logprob_threshold=ladder.logprob_threshold,
+                no_speech_threshold=ladder.no_speech_threshold,
+                compression_ratio_threshold=None,
                 word_timestamps=word_timestamps,
                 **decode_options,
             )
@@ -256,9 +282,11 @@ class SpeechRunner:
         )
 
     @contextmanager
-    def _calling(self, on_window: Callable[[], None]) -> Iterator[_Call]:
+    def _calling(
+        self, on_window: Callable[[], None], ladder: Ladder | None = None
+    ) -> Iterator[_Call]:
         """Install a call's hooks on the model; restore the enclosing call's afterwards."""
-        call = _Call(on_window)
+        call = _Call(on_window, ladder or Ladder())
         token = _CALL.set(call)
         try:
             yield call
@@ -272,11 +300,27 @@ class SpeechRunner:
         tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages, language=None, task=task
         )
+        result = drop_repeated_segments(result)
         for segment in result["segments"]:
             segment["pieces"] = token_pieces(tokenizer.encoding, segment["tokens"], tokenizer.eot)
         if probs is not None:
             result["language_probs"] = {k: float(v) for k, v in probs.items()}
         return result
+
+
+def _ladder(temperature: float | tuple[float, ...], options: dict[str, Any]) -> Ladder:
+    """The fallback ladder and guards, taken out of mlx-whisper's decode options (the runner
+    runs the ladder; mlx-whisper's own compression-ratio fallback never sees a second rung)."""
+    temperatures = (temperature,) if isinstance(temperature, int | float) else temperature
+    return Ladder(
+        temperatures=tuple(float(t) for t in temperatures),
+        beam_size=options.pop("beam_size", None) or 1,
+        best_of=options.pop("best_of", None) or 1,
+        entropy_threshold=options.pop("entropy_threshold", None),
+        compression_ratio_threshold=options.pop("compression_ratio_threshold", 2.4),
+        logprob_threshold=options.pop("logprob_threshold", -1.0),
+        no_speech_threshold=options.pop("no_speech_threshold", 0.6),
+    )
 
 
 def _samples(audio: np.ndarray) -> np.ndarray:
