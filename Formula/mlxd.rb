@@ -346,7 +346,8 @@ class Mlxd < Formula
   end
 
   service do
-    run [opt_bin/"mlxd", "serve"]
+    # mlxd writes and rotates the log itself (launchd cannot rotate StandardOutPath).
+    run [opt_bin/"mlxd", "serve", "--log-file", var/"log/mlxd.log"]
     keep_alive true
     # Interactive: full CPU/GPU priority (a default-typed agent is throttled, measured 8x
     # slower on Metal).

@@ -243,7 +243,9 @@ def test_install_stages_wheels_and_ships_the_launchd_template() -> None:
 
 def test_service_block() -> None:
     service = block("service do")
-    assert re.search(r'^    run \[opt_bin/"mlxd", "serve"\]$', service, re.M)
+    assert re.search(
+        r'^    run \[opt_bin/"mlxd", "serve", "--log-file", var/"log/mlxd.log"\]$', service, re.M
+    )
     assert re.search(r"^    keep_alive true$", service, re.M)
     assert re.search(r"^    process_type :interactive$", service, re.M)
     assert re.search(r'^    log_path var/"log/[\w./-]+"$', service, re.M)
@@ -355,7 +357,8 @@ def test_service_block_evaluates_to_the_right_settings(tmp_path: Path) -> None:
     result = run_shim(tmp_path, "service")
     assert result.returncode == 0, result.stderr
     calls = json.loads(result.stdout)
-    assert calls["run"] == [["/opt/homebrew/opt/mlxd/bin/mlxd", "serve"]]
+    log = "/opt/homebrew/var/log/mlxd.log"
+    assert calls["run"] == [["/opt/homebrew/opt/mlxd/bin/mlxd", "serve", "--log-file", log]]
     assert calls["keep_alive"] == ["true"] and calls["process_type"] == ["interactive"]
     assert calls["log_path"][0].startswith("/opt/homebrew/var/log/")
     assert calls["error_log_path"][0].startswith("/opt/homebrew/var/log/")
