@@ -280,7 +280,9 @@ class ModelThread:
     def ensure_ready(self) -> None:
         if self.state is ModelState.LOADING:
             raise Unavailable("Loading model", code="model_loading", headers={"Retry-After": "5"})
-        if self.state not in (ModelState.READY, ModelState.UNLOADED, ModelState.RELOADING):
+        usable = (ModelState.READY, ModelState.UNLOADED, ModelState.RELOADING)
+        # A reload that failed is tried again by the next request; a first load is not.
+        if self.state not in usable and self.loads == 0:
             raise Unavailable(self.message, code="model_unavailable")
 
     def submit(
@@ -396,16 +398,29 @@ class ModelThread:
         loaded = self._load_model()
         while loaded and self._serve():
             self._unload()
-            loaded = self.wait() and self._load_model()  # unloaded: waits for a request
+            loaded = self._reload()
         if self._stopping or loaded:
             error = shutting_down()
-        else:  # a reload failed: the requests that waited for it are told why
+        else:  # the first load failed: anything queued meanwhile is told why
             error = Unavailable(self.message, code="model_unavailable")
         self._fail_running(error)
+        self._fail_queued(error)
+
+    def _reload(self) -> bool:
+        """Wait for a request, then load the model again. A failed reload answers the requests
+        that waited for it with the reason; the next request tries again (the files may be
+        back, memory freed). False once the service stops."""
+        while self.wait():
+            if self._load_model():
+                return True
+            self._fail_queued(Unavailable(self.message, code="model_unavailable"))
+        return False
+
+    def _fail_queued(self, error: BaseException) -> None:
         with self._cond:
-            for job in self._queue:
-                job.finish(error=error)
-            self._queue.clear()
+            queued, self._queue = list(self._queue), deque()
+        for job in queued:
+            job.finish(error=error)
 
     def _serve(self) -> bool:
         """Run the policy until the service stops (False) or the model has idled past its
@@ -444,7 +459,7 @@ class ModelThread:
 
     def _load_model(self) -> bool:
         started = time.monotonic()
-        reloading = self.state is ModelState.UNLOADED
+        reloading = self.loads > 0
         if reloading:
             self.state, self.message = ModelState.RELOADING, "Reloading model"
         try:

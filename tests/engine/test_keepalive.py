@@ -18,6 +18,7 @@ from sanic_testing.reusable import ReusableClient
 
 from engine.app import ServiceSpec, create_app
 from engine.config import ConfigError, build_config
+from engine.errors import Unavailable
 from engine.keepalive import format_duration, parse_keep_alive
 from engine.memory import Limits, ModelTooLarge, check_fits, parse_size
 from engine.modelthread import ModelState, ModelThread
@@ -145,6 +146,36 @@ def test_requests_during_a_reload_share_one_load() -> None:
         assert loads.count == worker.loads == before + 1 and worker.served == 11
 
     run_thread(0.0, body)
+
+
+def test_a_failed_reload_answers_its_requests_and_the_next_request_tries_again() -> None:
+    outcomes = iter(["runner 1", OSError("weights.safetensors is gone"), "runner 3"])
+
+    def load() -> str:
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    worker = ModelThread("test", load, echo_policy, queue_size=64, keep_alive=None)
+
+    async def main() -> None:
+        worker.start()
+        try:
+            await until(lambda: worker.loads == 1, "the first load")
+            first = worker.submit("first", keep_alive=0.0)
+            assert await first.result() == ("runner 1", "first")
+            await until(lambda: worker.state is ModelState.UNLOADED, "the unload")
+            with pytest.raises(Unavailable, match="weights.safetensors is gone") as failed:
+                await worker.submit("second").result()
+            assert failed.value.code == "model_unavailable"
+            assert worker.state is ModelState.FAILED
+            assert await worker.submit("third").result() == ("runner 3", "third")
+        finally:
+            worker.stop(timeout=10)
+
+    asyncio.run(main())
+    assert worker.loads == 2
 
 
 def test_a_requests_keep_alive_overrides_the_service_default() -> None:
