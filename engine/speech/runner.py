@@ -42,6 +42,15 @@ DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # Beam search has no patience here (nor in whisper.cpp); the others are the runner's to set.
 _UNSUPPORTED_OPTIONS = ("patience", "fp16", "verbose", "path_or_hf_repo")
 
+# What the batched path (engine.speech.batched.Decoding) takes of `transcribe`'s decode options.
+_BATCHED_OPTIONS = (
+    "best_of",
+    "without_timestamps",
+    "compression_ratio_threshold",
+    "logprob_threshold",
+    "no_speech_threshold",
+)
+
 
 # mlx-whisper is installed apart from mlxd, without its declared (unused) torch requirement.
 MLX_WHISPER_MISSING = (
@@ -268,6 +277,53 @@ class SpeechRunner:
         if language_probs and probs is None:
             probs = {result["language"]: 1.0}
         return self._finish(_plain(result), probs, task)
+
+    def transcribe_pieces(
+        self,
+        pieces: list[tuple[np.ndarray, int]],
+        *,
+        batch: int,
+        language: str | None,
+        task: str = "transcribe",
+        temperature: float | tuple[float, ...] = DEFAULT_TEMPERATURES,
+        initial_prompt: str | None = None,
+        word_timestamps: bool = False,
+        language_probs: bool = False,
+        on_window: Callable[[], None] = _nothing,
+        **decode_options: Any,
+    ) -> dict:
+        """Independent pieces of audio (samples, first sample in the original audio), none
+        conditioned on another's text, their windows decoded `batch` at a time
+        (engine.speech.batched); the result as `transcribe`'s, times in the original audio."""
+        from engine.speech.batched import Decoding, split_pieces, transcribe_pieces
+
+        if not self.multilingual:
+            language, task = "en", "transcribe"
+        temperatures = (temperature,) if isinstance(temperature, int | float) else temperature
+        decoding = Decoding(
+            language=language,
+            task=task,
+            temperatures=tuple(temperatures),
+            initial_prompt=initial_prompt,
+            word_timestamps=word_timestamps,
+            **{k: v for k, v in decode_options.items() if k in _BATCHED_OPTIONS},
+        )
+        pieces = split_pieces([(_samples(a), start) for a, start in pieces], batch)
+        probs = None
+        if language_probs and language is not None and self.multilingual and pieces:
+            probs = self.detect_language(pieces[0][0], on_window=on_window)
+        outcome = transcribe_pieces(
+            self._model._model,
+            pieces,
+            decoding,
+            batch=batch,
+            dtype=mx.float16 if self.fp16 else mx.float32,
+            on_window=on_window,
+        )
+        probs = probs or outcome.language_probs
+        if language_probs and probs is None:
+            probs = {outcome.result["language"]: 1.0}
+        return self._finish(_plain(outcome.result), probs, task)
 
     def _run(self, samples: np.ndarray, **options: Any) -> dict:
         module = _transcribe_module()
