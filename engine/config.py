@@ -97,6 +97,12 @@ class Config:
         False, "voice activity detection by default: only speech reaches Whisper (field: vad)"
     )
     stt_vad_model: str = setting("silero-vad", "the VAD model: store id or directory")
+    stt_batch: int = setting(
+        8,
+        "speech windows decoded together when they do not depend on each other's text "
+        "(max_context 0, vad); 1: one window at a time",
+        metavar="WINDOWS",
+    )
     chat_allow_image_urls: bool = setting(
         False,
         "let chat fetch http(s) image URLs (off: base64 data: URLs only)",
@@ -266,6 +272,7 @@ def validate(config: Config) -> None:
         "chat_prefill_chunk",
         "chat_max_images",
         "chat_max_image_pixels",
+        "stt_batch",
     ):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1")

@@ -49,6 +49,21 @@ class SpeechModel(Protocol):
         **decode_options: Any,
     ) -> dict: ...
 
+    def transcribe_pieces(
+        self,
+        pieces: list[tuple[np.ndarray, int]],
+        *,
+        batch: int,
+        language: str | None,
+        task: str = "transcribe",
+        temperature: float | tuple[float, ...] = ...,
+        initial_prompt: str | None = None,
+        word_timestamps: bool = False,
+        language_probs: bool = False,
+        on_window: Callable[[], None] = ...,
+        **decode_options: Any,
+    ) -> dict: ...
+
 
 class _Deadline:
     """Runs between windows: stops a cancelled or over-time job, then yields the turn.
@@ -124,8 +139,12 @@ def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
         best = max(probs, key=probs.get)
         return {"text": "", "segments": [], "language": best, "language_probs": probs}
     if options.vad is not None and request.vad_dir is not None:
-        from engine.speech.vad import transcribe_speech  # MLX: on the model thread only
+        # MLX: on the model thread only
+        from engine.speech.vad import speech_pieces, transcribe_speech
 
+        if batched(request):
+            pieces = speech_pieces(request.vad_dir, request.audio, options.vad)
+            return _pieces(runner, pieces, request, clock)
         return transcribe_speech(
             request.vad_dir,
             request.audio,
@@ -133,15 +152,55 @@ def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
             lambda audio: _whisper(runner, audio, options, clock),
             options.language,
         )
+    if batched(request):
+        return _pieces(runner, [(request.audio, 0)], request, clock)
     return _whisper(runner, request.audio, options, clock)
 
 
-def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _Deadline) -> dict:
+def batched(request: SttJob) -> bool:
+    """Whether the request's windows are independent, so decoded in batches: it does not
+    condition on previous text (max_context 0), or VAD cut it into speech spans; greedy only."""
+    options = request.options
+    vad = options.vad is not None and request.vad_dir is not None
+    independent = vad or not options.condition_on_previous_text
+    return independent and request.batch > 1 and options.beam_size <= 1
+
+
+def _pieces(
+    runner: SpeechModel, pieces: list[tuple[np.ndarray, int]], request: SttJob, clock: _Deadline
+) -> dict:
+    options = request.options
+    return runner.transcribe_pieces(
+        pieces,
+        batch=request.batch,
+        language=options.language,
+        task=options.task,
+        temperature=options.temperatures,
+        initial_prompt=options.prompt,
+        word_timestamps=options.word_timestamps,
+        language_probs=options.language_probs,
+        on_window=clock.tick,
+        **_thresholds(options),
+    )
+
+
+def _thresholds(options: Options) -> dict[str, Any]:
+    """The decode options both paths take: candidates and the fallback checks."""
     extra: dict[str, Any] = {}
     if options.best_of is not None:
         extra["best_of"] = options.best_of
     if options.no_timestamps:
         extra["without_timestamps"] = True
+    return extra | {
+        "entropy_threshold": options.entropy_threshold,
+        "compression_ratio_threshold": options.compression_ratio_threshold,
+        "logprob_threshold": options.logprob_threshold,
+        "no_speech_threshold": options.no_speech_threshold,
+    }
+
+
+def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _Deadline) -> dict:
+    extra = _thresholds(options)
     if options.beam_size > 1:
         extra["beam_size"] = options.beam_size
     return runner.transcribe(
@@ -153,10 +212,6 @@ def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _D
         word_timestamps=options.word_timestamps,
         language_probs=options.language_probs,
         on_window=clock.tick,
-        entropy_threshold=options.entropy_threshold,
-        compression_ratio_threshold=options.compression_ratio_threshold,
-        logprob_threshold=options.logprob_threshold,
-        no_speech_threshold=options.no_speech_threshold,
         condition_on_previous_text=options.condition_on_previous_text,
         **extra,
     )

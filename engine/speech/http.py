@@ -122,7 +122,7 @@ async def _transcribe(request: Request, audio: np.ndarray, options: Options) -> 
     config = request.app.ctx.config
     vad_dir = _vad_model(config) if options.vad is not None else None
     limit = time_limit(config, len(audio) / SAMPLE_RATE)
-    return await run_job(request, SttJob(audio, options, limit, vad_dir))
+    return await run_job(request, SttJob(audio, options, limit, vad_dir, config.stt_batch))
 
 
 def _vad_model(config: Config) -> Path:

@@ -63,6 +63,7 @@ class SttJob:
     options: Options
     time_limit_s: float | None
     vad_dir: Path | None = None  # the VAD model, when options.vad is set
+    batch: int = 1  # --stt-batch: windows decoded together when they are independent
 
 
 @dataclass(frozen=True)

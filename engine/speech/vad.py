@@ -274,8 +274,24 @@ def transcribe_speech(
 ) -> dict:
     """Whisper (`transcribe`) on the speech in `audio` only, its times in `audio`'s timeline;
     audio without speech is an empty transcription at once."""
-    spans = speech_spans(detector(model_dir).probabilities(audio), len(audio), params)
+    spans = _spans(model_dir, audio, params)
     if not spans:
         return {"text": "", "segments": [], "language": language or "en"}
     splice = Splice.join(audio, spans, params.samples_overlap)
     return splice.remap(transcribe(splice.audio))
+
+
+def speech_pieces(
+    model_dir: Path, audio: np.ndarray, params: VadParams
+) -> list[tuple[np.ndarray, int]]:
+    """The speech in `audio` as independent pieces (samples, first sample in `audio`), for the
+    batched path (engine.speech.batched): each span but the last runs `samples_overlap` seconds
+    past its end, as in the splice; no speech is no piece."""
+    spans = _spans(model_dir, audio, params)
+    overlap = int(params.samples_overlap * SAMPLE_RATE)
+    ends = [min(len(audio), end + overlap) for _, end in spans[:-1]] + [e for _, e in spans[-1:]]
+    return [(audio[start:end], start) for (start, _), end in zip(spans, ends, strict=True)]
+
+
+def _spans(model_dir: Path, audio: np.ndarray, params: VadParams) -> list[tuple[int, int]]:
+    return speech_spans(detector(model_dir).probabilities(audio), len(audio), params)

@@ -219,6 +219,30 @@ class FakeSpeech:
         segment = {"id": 0, "start": 0.0, "end": seconds, "text": " Fake words.", "tokens": [1]}
         return {"text": " Fake words.", "segments": [segment], "language": "en"}
 
+    def transcribe_pieces(
+        self,
+        pieces,
+        *,
+        batch,
+        language,
+        task="transcribe",
+        temperature=(0.0,),
+        initial_prompt=None,
+        word_timestamps=False,
+        language_probs=False,
+        on_window=lambda: None,
+        **decode_options,
+    ) -> dict:
+        segments = []
+        for audio, start in pieces:
+            on_window()
+            at = start / 16000
+            end = at + len(audio) / 16000
+            segments.append({"id": len(segments), "start": at, "end": end, "text": " Fake words."})
+            segments[-1]["tokens"] = [1]
+        text = "".join(s["text"] for s in segments)
+        return {"text": text, "segments": segments, "language": "en"}
+
 
 def fake_spec(service: str, runner: Any = None, *, load_gate: threading.Event | None = None):
     """The service's real spec (routes, policy) with a fake runner loader."""
