@@ -5,7 +5,8 @@ MLX). Before every window its `on_window` hook checks cancellation and the time 
 hands the turn back; the policy gives the next turn to the next job in a round robin, taking
 newly queued jobs in behind the one that just ran. A short request therefore answers after
 one window of each running job, a long one finishes however many arrive, and each job's time
-limit counts only the model time of its own turns.
+limit counts only the model time of its own turns. A request whose windows are independent
+(`batched`) is decoded in batches (engine.speech.batched): one round of its batch per turn.
 """
 
 from __future__ import annotations
@@ -169,52 +170,42 @@ def batched(request: SttJob) -> bool:
 def _pieces(
     runner: SpeechModel, pieces: list[tuple[np.ndarray, int]], request: SttJob, clock: _Deadline
 ) -> dict:
-    options = request.options
     return runner.transcribe_pieces(
-        pieces,
-        batch=request.batch,
-        language=options.language,
-        task=options.task,
-        temperature=options.temperatures,
-        initial_prompt=options.prompt,
-        word_timestamps=options.word_timestamps,
-        language_probs=options.language_probs,
-        on_window=clock.tick,
-        **_thresholds(options),
+        pieces, batch=request.batch, **_decode_options(request.options, clock)
     )
 
 
-def _thresholds(options: Options) -> dict[str, Any]:
-    """The decode options both paths take: candidates and the fallback checks."""
+def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _Deadline) -> dict:
+    extra = {"beam_size": options.beam_size} if options.beam_size > 1 else {}
+    return runner.transcribe(
+        audio,
+        condition_on_previous_text=options.condition_on_previous_text,
+        **_decode_options(options, clock),
+        **extra,
+    )
+
+
+def _decode_options(options: Options, clock: _Deadline) -> dict[str, Any]:
+    """What both paths take: the language, task, prompt and outputs, the fallback ladder and
+    its checks, and the hook between windows."""
     extra: dict[str, Any] = {}
     if options.best_of is not None:
         extra["best_of"] = options.best_of
     if options.no_timestamps:
         extra["without_timestamps"] = True
     return extra | {
+        "language": options.language,
+        "task": options.task,
+        "temperature": options.temperatures,
+        "initial_prompt": options.prompt,
+        "word_timestamps": options.word_timestamps,
+        "language_probs": options.language_probs,
+        "on_window": clock.tick,
         "entropy_threshold": options.entropy_threshold,
         "compression_ratio_threshold": options.compression_ratio_threshold,
         "logprob_threshold": options.logprob_threshold,
         "no_speech_threshold": options.no_speech_threshold,
     }
-
-
-def _whisper(runner: SpeechModel, audio: np.ndarray, options: Options, clock: _Deadline) -> dict:
-    extra = _thresholds(options)
-    if options.beam_size > 1:
-        extra["beam_size"] = options.beam_size
-    return runner.transcribe(
-        audio,
-        language=options.language,
-        task=options.task,
-        temperature=options.temperatures,
-        initial_prompt=options.prompt,
-        word_timestamps=options.word_timestamps,
-        language_probs=options.language_probs,
-        on_window=clock.tick,
-        condition_on_previous_text=options.condition_on_previous_text,
-        **extra,
-    )
 
 
 def policy(config: Config) -> Policy:
