@@ -113,6 +113,44 @@ def test_every_rung_runs_after_on_window(
     assert events and events == rungs * (len(events) // len(rungs))
 
 
+@pytest.mark.parametrize(
+    ("no_speech_prob", "avg_logprob", "text"),
+    [(0.9, -2.0, ""), (0.9, -0.5, " Hello."), (0.3, -2.0, " Hello.")],
+)
+def test_a_silent_improbable_window_gives_no_text(
+    runner: SpeechRunner,
+    monkeypatch: pytest.MonkeyPatch,
+    no_speech_prob: float,
+    avg_logprob: float,
+    text: str,
+) -> None:
+    from mlx_whisper.decoding import DecodingResult
+    from mlx_whisper.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer(True, num_languages=runner._model.num_languages, language="en")
+    begin = tokenizer.timestamp_begin
+    tokens = [begin, *tokenizer.encode(" Hello."), begin + 50]
+
+    def crafted(self: _HookedModel, features: Any, options: Any, ladder: Ladder) -> Any:
+        result = DecodingResult(
+            audio_features=features,
+            language="en",
+            tokens=tokens,
+            text="Hello.",
+            avg_logprob=avg_logprob,
+            no_speech_prob=no_speech_prob,
+            temperature=options.temperature,
+            compression_ratio=1.0,
+        )
+        return result, False
+
+    monkeypatch.setattr(_HookedModel, "_decode_rung", crafted)
+    result = runner.transcribe(
+        _noise(1.0), language="en", temperature=0.0, no_speech_threshold=0.6, logprob_threshold=-1.0
+    )
+    assert result["text"] == text
+
+
 def test_repeated_segments_are_dropped_from_the_result(
     runner: SpeechRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
