@@ -23,6 +23,7 @@ from sanic.handlers import ErrorHandler
 from sanic.response import empty, raw
 from sanic.response import json as json_response
 
+from engine import __version__
 from engine.accesslog import LoggedSanic, write_unhandled
 from engine.config import LOOPBACK_HOSTS, Config
 from engine.errors import (
@@ -40,6 +41,7 @@ from engine.lifecycle import install as install_lifecycle
 from engine.memory import apply_limits, check_fits
 from engine.metrics import CONTENT_TYPE, Metrics, ServiceMetrics
 from engine.modelthread import ModelState, ModelThread, Policy
+from engine.openapi import OPENAPI_PATH, Paths, document
 from engine.shutdown import drain, health_problem
 from engine.store import ModelInfo, Store
 from engine.store.catalog import DEFAULT_IDS, Service
@@ -62,6 +64,7 @@ class ServiceSpec:
     metrics: ServiceMetrics | None = None  # the service's own counters on /metrics
     # Routes that answer errors in another API's shape: (path prefix, ApiError -> response).
     error_shapes: tuple[tuple[str, Callable[[ApiError], HTTPResponse]], ...] = ()
+    openapi: Callable[[], Paths] = dict  # the service's routes in its /openapi.json
 
 
 def served_model_id(ref: str) -> str:
@@ -141,6 +144,7 @@ def create_app(spec: ServiceSpec, config: Config) -> Sanic:
         service, app.ctx.model_id, lambda: getattr(app.ctx, "worker", None), spec.metrics
     )
     app.ctx.error_shapes = spec.error_shapes
+    app.ctx.openapi = document(service, __version__, spec.openapi(), api_key=bool(config.api_key))
     app.blueprint(common_routes())
     app.blueprint(spec.blueprint)
     install_lifecycle(app)
@@ -301,6 +305,10 @@ def common_routes() -> Blueprint:
     @bp.get("/metrics")
     async def metrics(request: Request) -> HTTPResponse:
         return raw(request.app.ctx.metrics.render(), content_type=CONTENT_TYPE)
+
+    @bp.get(OPENAPI_PATH)
+    async def openapi(request: Request) -> HTTPResponse:
+        return json_response(request.app.ctx.openapi)
 
     @bp.get("/v1/models")
     @bp.get("/models", name="models_bare")  # llama-server serves both

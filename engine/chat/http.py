@@ -17,7 +17,7 @@ from sanic import Blueprint, HTTPResponse, Request
 from sanic.response import json as json_response
 
 from engine.app import ServiceSpec, resolve_requested_model
-from engine.chat import anthropic, completions, decode, jobs, metrics, responses
+from engine.chat import anthropic, completions, decode, jobs, metrics, openapi, responses
 from engine.chat.request import parse_request
 from engine.chat.response import completion_body, stream_reply
 from engine.config import Config
@@ -80,4 +80,5 @@ SERVICE = ServiceSpec(
     policy=decode.policy,
     metrics=metrics.observer,
     error_shapes=((anthropic.ROUTE_PREFIX, anthropic.error_response),),
+    openapi=openapi.paths,
 )

@@ -17,7 +17,7 @@ from sanic.response import raw
 
 from engine.app import ServiceSpec, resolve_requested_model
 from engine.config import Config
-from engine.embeddings import decode, metrics
+from engine.embeddings import decode, metrics, openapi
 from engine.embeddings.request import EmbedRequest, EmbedResult, parse_input
 from engine.errors import InvalidRequest
 from engine.lifecycle import result as job_result
@@ -103,5 +103,10 @@ def load(model: ModelInfo, config: Config) -> Any:
 
 
 SERVICE = ServiceSpec(
-    name="embeddings", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+    name="embeddings",
+    blueprint=bp,
+    load=load,
+    policy=decode.policy,
+    metrics=metrics.observer,
+    openapi=openapi.paths,
 )

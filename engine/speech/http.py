@@ -24,7 +24,7 @@ from engine.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_audio, fi
 from engine.config import Config
 from engine.errors import ClientClosed, InvalidRequest
 from engine.lifecycle import admitted, result, submit
-from engine.speech import decode, metrics
+from engine.speech import decode, metrics, openapi
 from engine.speech.request import (
     Fields,
     Options,
@@ -162,5 +162,10 @@ def load(model: ModelInfo, config: Config) -> Any:
 
 
 SERVICE = ServiceSpec(
-    name="stt", blueprint=bp, load=load, policy=decode.policy, metrics=metrics.observer
+    name="stt",
+    blueprint=bp,
+    load=load,
+    policy=decode.policy,
+    metrics=metrics.observer,
+    openapi=openapi.paths,
 )

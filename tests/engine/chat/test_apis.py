@@ -9,8 +9,6 @@ import contextlib
 import io
 import json
 import re
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.engine.fakes import FakeChat
-from tests.engine.test_app import serving
+from tests.fuzz.live import live as served_live
 
 THINKING = ("<|channel>", "thought", "\n", "Let me ", "think", "<channel|>", "The ", "answer", ".")
 TOOL_SCRIPT = ("<|tool_call>", "call:get_weather{", "city:", '<|"|>Paris<|"|>', "}", "<tool_call|>")
@@ -32,17 +30,9 @@ WEATHER = {
 USER = [{"role": "user", "content": "Hi"}]
 
 
-@contextlib.contextmanager
-def live(tmp_path: Path, fake: FakeChat, **settings) -> Iterator[str]:
+def live(tmp_path: Path, fake: FakeChat, **settings) -> contextlib.AbstractContextManager[str]:
     """A served fake whose event loop runs in a thread, so real HTTP clients can call it."""
-    with serving(tmp_path, "chat", fake, **settings) as (client, _):
-        thread = threading.Thread(target=client._loop.run_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{client.port}"
-        finally:
-            client._loop.call_soon_threadsafe(client._loop.stop)
-            thread.join()
+    return served_live(tmp_path, "chat", fake, **settings)
 
 
 def claude(url: str, key: str = "x") -> anthropic.Anthropic:
