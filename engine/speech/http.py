@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 from sanic import Blueprint, HTTPResponse, Request
+from sanic.headers import parse_content_header
+from sanic.request.form import parse_multipart_form
 
 from engine.app import ServiceSpec, resolve_requested_model
 from engine.audio import SAMPLE_RATE, AudioError, AudioTooLong, decode_audio, find_ffmpeg
@@ -46,7 +48,24 @@ async def parse_form(request: Request) -> None:
     """Parse the multipart form once (Sanic caches it), a large one in a thread so that the
     event loop keeps answering meanwhile."""
     if len(request.body or b"") > LARGE_BODY_BYTES:
-        await asyncio.get_running_loop().run_in_executor(None, lambda: request.form)
+        await asyncio.get_running_loop().run_in_executor(None, read_form, request)
+    else:
+        read_form(request)
+
+
+def read_form(request: Request) -> None:
+    """Sanic logs a multipart form it cannot read (a field that is not UTF-8, an unknown
+    charset) and hands out an empty one: here that is a 400 saying why."""
+    media, parameters = parse_content_header(request.headers.get("content-type", ""))
+    if media != "multipart/form-data" or request.parsed_form is not None:
+        return
+    boundary = str(parameters.get("boundary") or "").encode("utf-8", "replace")
+    try:
+        request.parsed_form, request.parsed_files = parse_multipart_form(request.body, boundary)
+    except (UnicodeError, LookupError, ValueError) as exc:
+        raise InvalidRequest(
+            f"The multipart form could not be read: {exc}", code="invalid_form"
+        ) from None
 
 
 async def read_audio(request: Request) -> np.ndarray:
