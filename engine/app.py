@@ -42,6 +42,7 @@ from engine.memory import apply_limits, check_fits
 from engine.metrics import CONTENT_TYPE, Metrics, ServiceMetrics
 from engine.modelthread import ModelState, ModelThread, Policy
 from engine.openapi import OPENAPI_PATH, Paths, document
+from engine.protocol import HttpOnlyProtocol
 from engine.shutdown import drain, health_problem
 from engine.store import ModelInfo, Store
 from engine.store.catalog import DEFAULT_IDS, Service
@@ -65,6 +66,16 @@ class ServiceSpec:
     # Routes that answer errors in another API's shape: (path prefix, ApiError -> response).
     error_shapes: tuple[tuple[str, Callable[[ApiError], HTTPResponse]], ...] = ()
     openapi: Callable[[], Paths] = dict  # the service's routes in its /openapi.json
+
+
+class ServiceApp(LoggedSanic):
+    """A service's Sanic app: served with `HttpOnlyProtocol` unless told otherwise."""
+
+    def prepare(self, *args: Any, protocol: Any = None, **kwargs: Any) -> None:
+        super().prepare(*args, protocol=protocol or HttpOnlyProtocol, **kwargs)
+
+    async def create_server(self, *args: Any, protocol: Any = None, **kwargs: Any) -> Any:
+        return await super().create_server(*args, protocol=protocol or HttpOnlyProtocol, **kwargs)
 
 
 def served_model_id(ref: str) -> str:
@@ -125,9 +136,7 @@ def _framework_error(request: Request | None, exc: SanicException) -> ApiError:
 def create_app(spec: ServiceSpec, config: Config) -> Sanic:
     """The app for one service."""
     service = spec.name
-    app = LoggedSanic(
-        f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False
-    )
+    app = ServiceApp(f"mlxd_{service}", error_handler=OpenAIErrorHandler(), configure_logging=False)
     app.config.REQUEST_MAX_SIZE = config.max_body_bytes(service)
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = config.shutdown_timeout
     app.config.KEEP_ALIVE_TIMEOUT = 30

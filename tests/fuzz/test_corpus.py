@@ -1,0 +1,84 @@
+"""The hostile corpus (tests/fuzz/corpus.py) replayed on each service's socket: each entry is
+its 4xx in the error shape, or a closed connection for bytes that are not HTTP, and afterwards
+the service still answers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.fuzz.corpus import (
+    FORM_ROUTE,
+    JSON_ROUTES,
+    VALID,
+    Hostile,
+    form_corpus,
+    json_corpus,
+    transport_corpus,
+)
+from tests.fuzz.live import SERVICES, live
+from tests.wav_files import int_wav
+
+WAV = int_wav(np.zeros(1600, dtype=np.int16), 16000)
+
+
+def exchange(url: str, request: bytes) -> bytes:
+    """Everything the server sends back before it closes the connection (each request says
+    Connection: close; bytes that are not HTTP are closed on)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)  # the server may answer and close before reading it all
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return received
+
+
+def status_and_body(answer: bytes) -> tuple[int, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def corpus(service: str) -> list[Hostile]:
+    if service == "stt":
+        return form_corpus(WAV) + transport_corpus(FORM_ROUTE)
+    return json_corpus(service) + transport_corpus(JSON_ROUTES[service])
+
+
+def check_answer(entry: Hostile, answer: bytes) -> None:
+    if entry.status is None:  # not HTTP: closed, or a bare 400
+        assert not answer or status_and_body(answer)[0] == 400, answer[:200]
+        return
+    status, body = status_and_body(answer)
+    assert status == entry.status, (entry.name, answer[:300])
+    error = json.loads(body)["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and error["message"]
+    assert entry.code is None or error["code"] == entry.code, (entry.name, error)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_hostile_request_is_refused_and_the_service_stays_up(
+    tmp_path: Path, service: str
+) -> None:
+    with live(tmp_path, service) as url:
+        for entry in corpus(service):
+            check_answer(entry, exchange(url, entry.request))
+            assert httpx.get(f"{url}/health").status_code == 200, entry.name
+        assert served(url, service).status_code == 200
+
+
+def served(url: str, service: str) -> httpx.Response:
+    """A good request, answered after the corpus."""
+    if service == "stt":
+        files = {"file": ("a.wav", WAV)}
+        return httpx.post(f"{url}{FORM_ROUTE}", files=files, timeout=60)
+    body = VALID[service] + b"}"
+    return httpx.post(f"{url}{JSON_ROUTES[service]}", content=body, timeout=60)
