@@ -1,6 +1,7 @@
-"""The HTTP/1 protocol every service serves with: Sanic's, closing at once a connection whose
-first bytes cannot begin a request line (a TLS or SSH client, binary noise). Sanic would wait
-for the end of a head that never comes, holding the connection until the request timeout."""
+"""The HTTP/1 protocol every service serves with: Sanic's, refusing at once a connection whose
+first bytes cannot begin a request line (a TLS or SSH client, binary noise) with a 400 and a
+close. Sanic would wait for the end of a head that never comes, holding the connection until
+the request timeout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import re
 
 from sanic.http.constants import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
+
+from engine.errors import InvalidRequest
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/[0-9]\.[0-9]\r?")
@@ -27,13 +30,17 @@ def cannot_be_http(buffer: bytes | bytearray) -> bool:
 
 
 class HttpOnlyProtocol(HttpProtocol):
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._reading_head() and cannot_be_http(self.recv_buffer):
-            self.close()
+    async def receive_more(self) -> None:
+        """Sanic waits here for the rest of a request's head: bytes that cannot begin one are
+        refused first (a 400 the framework writes, then the connection closes)."""
+        self._refuse_what_is_not_http()
+        await super().receive_more()
+        self._refuse_what_is_not_http()
 
-    def _reading_head(self) -> bool:
+    def _refuse_what_is_not_http(self) -> None:
         http = getattr(self, "_http", None)
-        if http is None:  # the connection's first bytes, before its task has started
-            return True
-        return http.request is None and http.stage in (Stage.IDLE, Stage.REQUEST)
+        reading_head = http is not None and http.request is None and http.stage is Stage.REQUEST
+        if reading_head and cannot_be_http(self.recv_buffer):
+            raise InvalidRequest(
+                "The connection did not begin with an HTTP/1 request line", code="not_http"
+            )

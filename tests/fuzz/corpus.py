@@ -11,10 +11,11 @@ from dataclasses import dataclass
 class Hostile:
     name: str
     request: bytes  # the whole request, as sent on the socket
-    status: int | None  # None: the connection is closed without an answer (or with a 400)
+    status: int
     code: str | None = None
 
 
+NOT_HTTP = "not_http"  # answered before the connection closes, instead of waiting for a head
 JSON_ROUTES = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings"}
 FORM_ROUTE = "/v1/audio/transcriptions"
 # A field each JSON service reads as an integer, for the 10^30 entry.
@@ -118,9 +119,14 @@ def transport_corpus(path: str) -> list[Hostile]:
     get = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
     post = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
     return [
-        Hostile("TLS client hello", bytes.fromhex("16030100a5010000a10303") + b"\x00" * 64, None),
-        Hostile("random bytes", bytes(range(256)) * 4, None),
-        Hostile("SSH banner", b"SSH-2.0-OpenSSH_9.6\r\n", None),
+        Hostile(
+            "TLS client hello",
+            bytes.fromhex("16030100a5010000a10303") + b"\x00" * 64,
+            400,
+            NOT_HTTP,
+        ),
+        Hostile("random bytes", bytes(range(256)) * 4, 400, NOT_HTTP),
+        Hostile("SSH banner", b"SSH-2.0-OpenSSH_9.6\r\n", 400, NOT_HTTP),
         Hostile("oversized headers", (get + "X-Big: " + "a" * 20_000 + "\r\n\r\n").encode(), 431),
         Hostile("two Host headers", (get + "Host: evil.example\r\n\r\n").encode(), 400, "bad_host"),
         Hostile("foreign Host", get.replace("127.0.0.1", "evil.example").encode() + b"\r\n", 403),
