@@ -134,6 +134,20 @@ class Fields:
             raise InvalidRequest(str(exc), param="language", code="unsupported_language") from None
 
 
+MIN_TEMPERATURE_INC = 0.01  # at most 101 temperatures to fall back through
+
+
+def _temperature_step(fields: Fields) -> float:
+    """`temperature_inc`: 0 (no fallback) or a step that makes a ladder of bounded length."""
+    step = fields.number("temperature_inc", 0.2, 0.0, 1.0)
+    if 0 < step < MIN_TEMPERATURE_INC:
+        raise InvalidRequest(
+            f"'temperature_inc' is {step:g}: use 0 (no fallback) or at least {MIN_TEMPERATURE_INC}",
+            param="temperature_inc",
+        )
+    return step
+
+
 def _fallback(start: float, step: float) -> tuple[float, ...]:
     """start, start+step, ... up to 1.0 (whisper-server's temperature ladder)."""
     if step <= 0:
@@ -177,7 +191,7 @@ def inference_options(fields: Fields, config: Config) -> tuple[Options, Layout, 
     no_timestamps = fields.flag("no_timestamps")
     timing = fields.flag("token_timestamps", not no_timestamps) and not no_timestamps
     start = fields.number("temperature", 0.0, 0.0, 1.0)
-    step = 0.0 if fields.flag("no_fallback") else fields.number("temperature_inc", 0.2, 0.0, 1.0)
+    step = 0.0 if fields.flag("no_fallback") else _temperature_step(fields)
     max_context = fields.integer("max_context", -1, -1)
     verbose = response_format == "verbose_json"
     options = Options(

@@ -100,6 +100,15 @@ def form_corpus(wav: bytes) -> list[Hostile]:
             400,
             "invalid_form",
         ),
+        Hostile(
+            "a fallback ladder of 10^300 temperatures",
+            http(
+                "/inference",
+                form(("file", wav), ("temperature_inc", b"1e-300")),
+                content_type=multipart,
+            ),
+            400,
+        ),
         Hostile("no file", post(form(("language", b"en"))), 400, "missing_field"),
         Hostile("not audio", post(form(("file", b"\x00" * 64))), 400, "invalid_audio"),
         Hostile("truncated multipart", post(form(("file", wav))[:-40]), 400),
