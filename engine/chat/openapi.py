@@ -291,7 +291,12 @@ ITEM_LIST: Schema = {
     "required": ["object", "data", "has_more"],
     "properties": {"object": {"const": "list"}, "data": {"type": "array"}},
 }
-SSE: Schema = {"type": "string"}
+# One server-sent event (`stream: true`), as its fields.
+SSE: Schema = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+}
 
 
 def _anthropic(summary: str, ok: dict[str, Schema], request: Schema) -> Operation:

@@ -31,7 +31,10 @@ INFERENCE_FORM: Schema = {
         "no_timestamps": FLAG,
         "token_timestamps": FLAG,
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
-        "temperature_inc": {"type": "number", "minimum": 0, "maximum": 1},
+        "temperature_inc": {
+            "description": "0: no fallback",
+            "anyOf": [{"const": 0}, {"type": "number", "minimum": 0.01, "maximum": 1}],
+        },
         "no_fallback": FLAG,
         "prompt": {"type": "string"},
         "best_of": {"type": "integer", "minimum": 1, "maximum": 16},
