@@ -91,7 +91,26 @@ class OpenAIErrorHandler(ErrorHandler):
 
 
 def error_response(request: Request | None, exception: Exception) -> HTTPResponse:
-    return _shaped(request, _api_error(request, exception))
+    error = _api_error(request, exception)
+    if isinstance(error, ServerError):
+        _log_internal(request, error, exception)
+    return _shaped(request, error)
+
+
+def _log_internal(request: Request | None, error: ServerError, exception: Exception) -> None:
+    """An internal error's line names the request (its id is on its access line and in the
+    client's x-request-id); an exception no code turned into an API error has its traceback."""
+    where = f"{request.method} {request.path}" if request is not None else "-"
+    rid = getattr(request.ctx, "request_id", None) if request is not None else None
+    unhandled = not isinstance(exception, ApiError)
+    log.error(
+        "%s in %s id=%s: %s",
+        "unhandled error" if unhandled else "internal error",
+        where,
+        rid or "-",
+        error.message,
+        exc_info=exception if unhandled else None,
+    )
 
 
 def _api_error(request: Request | None, exception: Exception) -> ApiError:
@@ -101,7 +120,6 @@ def _api_error(request: Request | None, exception: Exception) -> ApiError:
         return ClientClosed("Client closed the request", code="client_closed")
     if isinstance(exception, SanicException):
         return _framework_error(request, exception)
-    log.exception("unhandled error", exc_info=exception)
     return ServerError(f"Internal server error: {type(exception).__name__}")
 
 

@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.engine.fakes import FakeEmbeddings
+from tests.engine.test_app import serving
 from tests.fuzz.corpus import (
     FORM_ROUTE,
     JSON_ROUTES,
@@ -79,3 +81,25 @@ def served(url: str, service: str) -> httpx.Response:
         return httpx.post(f"{url}{FORM_ROUTE}", files=files, timeout=60)
     body = VALID[service] + b"}"
     return httpx.post(f"{url}{JSON_ROUTES[service]}", content=body, timeout=60)
+
+
+class FailingEmbeddings(FakeEmbeddings):
+    """Fails on one text, as a bug in the model code would."""
+
+    def embed(self, token_lists: list[list[int]]) -> np.ndarray:
+        if [101, *[ord(c) % 200 + 1 for c in "boom"], 102] in token_lists:
+            raise RuntimeError("the model broke")
+        return super().embed(token_lists)
+
+
+def test_an_internal_error_is_a_500_logged_with_the_request_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serving(tmp_path, "embeddings", FailingEmbeddings()) as (client, _):
+        headers = {"x-request-id": "fuzz-500"}
+        response = client.post("/v1/embeddings", json={"input": "boom"}, headers=headers)[1]
+        assert response.status == 500 and response.json["error"]["type"] == "server_error"
+        assert "RuntimeError: the model broke" in response.json["error"]["message"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "mlxd.server"]
+        assert any("POST /v1/embeddings id=fuzz-500" in line for line in lines), lines
+        assert client.post("/v1/embeddings", json={"input": "fine"})[1].status == 200
