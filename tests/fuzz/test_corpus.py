@@ -7,13 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.engine.fakes import FakeEmbeddings
+from tests.engine.fakes import FakeChat, FakeEmbeddings
 from tests.engine.test_app import serving
 from tests.fuzz.corpus import (
     FORM_ROUTE,
@@ -25,6 +26,7 @@ from tests.fuzz.corpus import (
     transport_corpus,
 )
 from tests.fuzz.live import SERVICES, live
+from tests.serving import poll_until
 from tests.wav_files import int_wav
 
 WAV = int_wav(np.zeros(1600, dtype=np.int16), 16000)
@@ -103,3 +105,24 @@ def test_an_internal_error_is_a_500_logged_with_the_request_id(
         lines = [r.getMessage() for r in caplog.records if r.name == "mlxd.server"]
         assert any("POST /v1/embeddings id=fuzz-500" in line for line in lines), lines
         assert client.post("/v1/embeddings", json={"input": "fine"})[1].status == 200
+
+
+def test_a_request_in_flight_is_answered_through_the_corpus(tmp_path: Path) -> None:
+    gate = threading.Event()
+    fake = FakeChat(gate=gate, script=("All", " fine", "."))
+    answers: list[httpx.Response] = []
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with live(tmp_path, "chat", fake) as url:
+        post = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            )
+        )
+        post.start()
+        poll_until(lambda: any("params" in call for call in fake.calls), "the reply started")
+        for entry in corpus("chat"):
+            check_answer(entry, exchange(url, entry.request))
+        gate.set()
+        post.join()
+    assert answers[0].status_code == 200
+    assert answers[0].json()["choices"][0]["message"]["content"] == "All fine."
