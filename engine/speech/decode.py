@@ -140,12 +140,10 @@ def _run(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
         best = max(probs, key=probs.get)
         return {"text": "", "segments": [], "language": best, "language_probs": probs}
     if options.vad is not None and request.vad_dir is not None:
-        # MLX: on the model thread only
-        from engine.speech.vad import speech_pieces, transcribe_speech
-
         if batched(request):
-            pieces = speech_pieces(request.vad_dir, request.audio, options.vad)
-            return _pieces(runner, pieces, request, clock)
+            return _speech_pieces(runner, request, clock)
+        from engine.speech.vad import transcribe_speech  # MLX: on the model thread only
+
         return transcribe_speech(
             request.vad_dir,
             request.audio,
@@ -165,6 +163,19 @@ def batched(request: SttJob) -> bool:
     vad = options.vad is not None and request.vad_dir is not None
     independent = vad or not options.condition_on_previous_text
     return independent and request.batch > 1 and options.beam_size <= 1
+
+
+def _speech_pieces(runner: SpeechModel, request: SttJob, clock: _Deadline) -> dict:
+    """The speech spans, joined as whisper-server joins them and cut at span starts into
+    pieces of up to MAX_PIECE_S, decoded in batches; times mapped back to the upload."""
+    from engine.speech.batched import MAX_PIECE_S  # MLX: on the model thread only
+    from engine.speech.vad import speech_splice
+
+    assert request.vad_dir is not None and request.options.vad is not None
+    splice = speech_splice(request.vad_dir, request.audio, request.options.vad)
+    if splice is None:
+        return {"text": "", "segments": [], "language": request.options.language or "en"}
+    return splice.remap(_pieces(runner, splice.pieces(MAX_PIECE_S), request, clock))
 
 
 def _pieces(

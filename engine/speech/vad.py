@@ -244,6 +244,19 @@ class Splice:
             offset = self.lengths[index]
         return (self.starts[index] + max(0.0, min(offset, self.lengths[index]))) / SAMPLE_RATE
 
+    def pieces(self, max_s: float) -> list[tuple[np.ndarray, int]]:
+        """The clip cut where spans start into pieces of consecutive spans, each at most
+        `max_s` seconds unless one span alone is longer: (samples, first sample in the clip).
+        The batched path decodes them as independent pieces; `remap` maps its times back."""
+        limit = max_s * SAMPLE_RATE
+        cuts, previous = [0], 0
+        for bound in [*self.clip_starts[1:], len(self.audio)]:
+            if bound - cuts[-1] > limit and previous > cuts[-1]:
+                cuts.append(previous)
+            previous = bound
+        ends = [*cuts[1:], len(self.audio)]
+        return [(self.audio[a:b], a) for a, b in zip(cuts, ends, strict=True)]
+
     def remap(self, result: dict) -> dict:
         """A transcription of `audio` with its segment and word times in the original audio."""
         for segment in result.get("segments", []):
@@ -274,23 +287,16 @@ def transcribe_speech(
 ) -> dict:
     """Whisper (`transcribe`) on the speech in `audio` only, its times in `audio`'s timeline;
     audio without speech is an empty transcription at once."""
-    spans = _spans(model_dir, audio, params)
-    if not spans:
+    splice = speech_splice(model_dir, audio, params)
+    if splice is None:
         return {"text": "", "segments": [], "language": language or "en"}
-    splice = Splice.join(audio, spans, params.samples_overlap)
     return splice.remap(transcribe(splice.audio))
 
 
-def speech_pieces(
-    model_dir: Path, audio: np.ndarray, params: VadParams
-) -> list[tuple[np.ndarray, int]]:
-    """The speech in `audio` as independent pieces (samples, first sample in `audio`), for the
-    batched path (engine.speech.batched): each span but the last runs `samples_overlap` seconds
-    past its end, as in the splice; no speech is no piece."""
+def speech_splice(model_dir: Path, audio: np.ndarray, params: VadParams) -> Splice | None:
+    """The speech in `audio` joined as whisper-server feeds Whisper; None without speech."""
     spans = _spans(model_dir, audio, params)
-    overlap = int(params.samples_overlap * SAMPLE_RATE)
-    ends = [min(len(audio), end + overlap) for _, end in spans[:-1]] + [e for _, e in spans[-1:]]
-    return [(audio[start:end], start) for (start, _), end in zip(spans, ends, strict=True)]
+    return Splice.join(audio, spans, params.samples_overlap) if spans else None
 
 
 def _spans(model_dir: Path, audio: np.ndarray, params: VadParams) -> list[tuple[int, int]]:

@@ -144,6 +144,20 @@ def test_a_long_piece_is_cut_in_its_quietest_moment() -> None:
     assert len(split_pieces(short, batch=8)) == 1
 
 
+def test_speech_spans_are_packed_into_pieces_of_whole_spans() -> None:
+    from engine.speech.vad import Splice
+
+    audio = np.arange(100 * SAMPLE_RATE, dtype=np.float32)
+    seconds = [(0, 10), (12.5, 22.5), (25, 35), (37.5, 87.5), (93.75, 96.875)]
+    spans = [(int(a * SAMPLE_RATE), int(b * SAMPLE_RATE)) for a, b in seconds]
+    splice = Splice.join(audio, spans, overlap_s=0.1)
+    pieces = splice.pieces(max_s=28.0)
+    lengths = [round(len(a) / SAMPLE_RATE, 3) for a, _ in pieces]
+    assert lengths == [20.4, 10.2, 50.2, 3.125]  # 10 + 10 s together; 50 s alone
+    assert [start for _, start in pieces] == [0, *np.cumsum([len(a) for a, _ in pieces[:-1]])]
+    assert np.array_equal(np.concatenate([a for a, _ in pieces]), splice.audio)
+
+
 @pytest.mark.parametrize(
     ("options", "batch", "expected"),
     [
@@ -189,13 +203,15 @@ def test_vad_chunks_batched_give_each_chunks_sequential_text(
     whisper_base: Path, tmp_path: Path
 ) -> None:
     from conversions.silero import convert
-    from engine.speech.vad import speech_pieces
+    from engine.speech.vad import speech_splice
     from tests.engine.speech.test_real_weights import SENTENCES
     from tests.real_weights import silero_vad_16k
 
     convert(silero_vad_16k(), tmp_path / "silero-vad")
     audio, _ = _sentences(SENTENCES[:3], gap_s=2.0)
-    pieces = speech_pieces(tmp_path / "silero-vad", audio, VadParams())
+    splice = speech_splice(tmp_path / "silero-vad", audio, VadParams())
+    assert splice is not None
+    pieces = splice.pieces(max_s=1.0)  # one span a piece (the service packs up to 28 s)
     assert len(pieces) == 3
     runner = SpeechRunner.load(whisper_base, "whisper-base")
     together = runner.transcribe_pieces(pieces, batch=8, language="en")
