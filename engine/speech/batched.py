@@ -31,6 +31,8 @@ import numpy as np
 from mlx.utils import tree_map
 
 from engine.audio import SAMPLE_RATE
+from engine.speech.beam import sequence_score
+from engine.speech.guards import Ladder, entropy_failed
 
 HOP = 160  # samples per mel frame
 FRAMES = 3000  # mel frames in a 30 s window
@@ -46,18 +48,15 @@ Piece = tuple[np.ndarray, int]  # samples, and where they start in the original 
 
 @dataclass(frozen=True)
 class Decoding:
-    """The decoding settings every row of a request shares."""
+    """The decoding settings every row of a request shares; `ladder` is the sequential path's
+    temperature fallback and its checks (engine.speech.guards), greedy (no beam search)."""
 
     language: str | None
     task: str = "transcribe"
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     initial_prompt: str | None = None
     word_timestamps: bool = False
     without_timestamps: bool = False
-    best_of: int | None = None
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+    ladder: Ladder = field(default_factory=Ladder)
 
 
 # ---- cutting the audio into pieces ----------------------------------------------------------
@@ -241,14 +240,7 @@ def _decode(
         last = vocab.apply(logits[:, -1], [sampled[i] for i in alive], step == 0)
         tokens, logprobs = _pick(last, temperature, [seeds[i] for i in alive], step)
         mx.eval(tokens, logprobs)
-        keep = []
-        for slot, (row, token, logprob) in enumerate(
-            zip(alive, tokens.tolist(), logprobs.tolist(), strict=True)
-        ):
-            sampled[row].append(token)
-            sums[row] = np.float32(sums[row] + np.float32(logprob))
-            if token != vocab.eot:
-                keep.append(slot)
+        keep = _record(vocab.eot, alive, tokens, logprobs, sampled, sums)
         if not keep:
             break
         if len(keep) < len(alive):
@@ -321,6 +313,27 @@ def _cross_attention(attention: Any, x: mx.array, keys: mx.array, values: mx.arr
     return attention.out(out)
 
 
+def _record(
+    eot: int,
+    alive: list[int],
+    tokens: mx.array,
+    logprobs: mx.array,
+    sampled: list[list[int]],
+    sums: list[np.float32],
+) -> list[int]:
+    """Each live row's new token and its log probability (summed in float32, as mlx-whisper
+    sums them); the slots of the rows that go on."""
+    keep = []
+    for slot, (row, token, logprob) in enumerate(
+        zip(alive, tokens.tolist(), logprobs.tolist(), strict=True)
+    ):
+        sampled[row].append(token)
+        sums[row] = np.float32(sums[row] + np.float32(logprob))
+        if token != eot:
+            keep.append(slot)
+    return keep
+
+
 def _no_speech(vocab: _Vocabulary, logits: mx.array, prefix: tuple[int, ...]) -> list[float]:
     no_speech = vocab.tokenizer.no_speech
     if no_speech is None:
@@ -367,17 +380,9 @@ def compression_ratio(text: str) -> float:
 # ---- temperature fallback -------------------------------------------------------------------
 
 
-def _needs_fallback(decoded: Decoded, decoding: Decoding) -> bool:
-    """mlx_whisper.transcribe's checks: too repetitive or too improbable, unless silent."""
-    ratio, logprob = decoding.compression_ratio_threshold, decoding.logprob_threshold
-    failed = (ratio is not None and decoded.compression_ratio > ratio) or (
-        logprob is not None and decoded.avg_logprob < logprob
-    )
-    silent = (
-        decoding.no_speech_threshold is not None
-        and decoded.no_speech_prob > decoding.no_speech_threshold
-    )
-    return failed and not silent
+def _failed(decoded: Decoded, ladder: Ladder) -> bool:
+    repetitive = entropy_failed(decoded.tokens, ladder.entropy_threshold)
+    return ladder.needs_fallback(decoded, repetitive=repetitive)
 
 
 def decode_with_fallback(
@@ -388,13 +393,14 @@ def decode_with_fallback(
     on_window: Callable[[], None],
 ) -> list[Decoded]:
     """Each row at the first temperature; the rows that fail, again at the next one. Above
-    temperature 0, `best_of` samples of a row and the likeliest per token is kept."""
+    temperature 0, `best_of` samples of a row, the best kept (engine.speech.beam's score)."""
+    ladder = decoding.ladder
     results: list[Decoded | None] = [None] * len(rows)
     waiting = list(range(len(rows)))
-    for step, temperature in enumerate(decoding.temperatures):
+    for step, temperature in enumerate(ladder.temperatures):
         if step:
             on_window()
-        samples = (decoding.best_of or 1) if temperature > 0 else 1
+        samples = ladder.width(temperature) if temperature > 0 else 1
         trials = [
             _Row(rows[i].features, rows[i].prefix, (rows[i].seed * 16 + step) * 16 + k)
             for i in waiting
@@ -402,17 +408,22 @@ def decode_with_fallback(
         ]
         decoded = decode_rows(model, vocab, trials, temperature)
         for at, index in enumerate(waiting):
-            results[index] = _best(decoded[at * samples : (at + 1) * samples])
-        last = step == len(decoding.temperatures) - 1
-        waiting = [i for i in waiting if not last and _needs_fallback(results[i], decoding)]  # type: ignore[arg-type]
+            results[index] = _best(decoded[at * samples : (at + 1) * samples], ladder)
+        last = step == len(ladder.temperatures) - 1
+        waiting = [i for i in waiting if not last and _failed(results[i], ladder)]  # type: ignore[arg-type]
         if not waiting:
             break
     return [r for r in results if r is not None]
 
 
-def _best(samples: list[Decoded]) -> Decoded:
-    """mlx-whisper's ranking: sum of log-probabilities over the number of tokens."""
-    return max(samples, key=lambda d: d.sum_logprob / max(1, len(d.tokens)))
+def _best(samples: list[Decoded], ladder: Ladder) -> Decoded:
+    """One candidate passing the entropy check if any does, the best scored among those."""
+
+    def rank(d: Decoded) -> tuple[bool, float]:
+        passes = not entropy_failed(d.tokens, ladder.entropy_threshold)
+        return passes, sequence_score(d.sum_logprob, len(d.tokens))
+
+    return max(samples, key=rank)
 
 
 # ---- pieces and their windows ---------------------------------------------------------------
@@ -456,13 +467,13 @@ class _Piece:
         return _Window(mel, frames, self.seek)
 
 
-def _silent(decoded: Decoded, decoding: Decoding) -> bool:
+def _silent(decoded: Decoded, ladder: Ladder) -> bool:
     """mlx_whisper.transcribe's no-speech skip."""
-    if decoding.no_speech_threshold is None:
+    if ladder.no_speech_threshold is None:
         return False
-    if decoding.logprob_threshold is not None and decoded.avg_logprob > decoding.logprob_threshold:
+    if ladder.logprob_threshold is not None and decoded.avg_logprob > ladder.logprob_threshold:
         return False
-    return decoded.no_speech_prob > decoding.no_speech_threshold
+    return decoded.no_speech_prob > ladder.no_speech_threshold
 
 
 def _segments(
@@ -544,7 +555,7 @@ def _advance(
 ) -> None:
     """mlx_whisper.transcribe's step after one window, for one piece."""
     piece.windows += 1
-    if _silent(decoded, decoding):
+    if _silent(decoded, decoding.ladder):
         piece.seek += window.frames
         return
     segments, moved, single_end = _segments(vocab, window, decoded)
