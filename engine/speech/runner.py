@@ -42,16 +42,6 @@ DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # Beam search has no patience here (nor in whisper.cpp); the others are the runner's to set.
 _UNSUPPORTED_OPTIONS = ("patience", "fp16", "verbose", "path_or_hf_repo")
 
-# What the batched path (engine.speech.batched.Decoding) takes of `transcribe`'s decode options.
-_BATCHED_OPTIONS = (
-    "best_of",
-    "without_timestamps",
-    "compression_ratio_threshold",
-    "logprob_threshold",
-    "no_speech_threshold",
-)
-
-
 # mlx-whisper is installed apart from mlxd, without its declared (unused) torch requirement.
 MLX_WHISPER_MISSING = (
     "mlx-whisper is not installed; install it without its torch requirement: "
@@ -293,20 +283,20 @@ class SpeechRunner:
         **decode_options: Any,
     ) -> dict:
         """Independent pieces of audio (samples, first sample in the original audio), none
-        conditioned on another's text, their windows decoded `batch` at a time
-        (engine.speech.batched); the result as `transcribe`'s, times in the original audio."""
+        conditioned on another's text, their windows decoded greedily `batch` at a time
+        (engine.speech.batched, no beam search); the result as `transcribe`'s, times in the
+        original audio."""
         from engine.speech.batched import Decoding, split_pieces, transcribe_pieces
 
         if not self.multilingual:
             language, task = "en", "transcribe"
-        temperatures = (temperature,) if isinstance(temperature, int | float) else temperature
         decoding = Decoding(
             language=language,
             task=task,
-            temperatures=tuple(temperatures),
             initial_prompt=initial_prompt,
             word_timestamps=word_timestamps,
-            **{k: v for k, v in decode_options.items() if k in _BATCHED_OPTIONS},
+            without_timestamps=bool(decode_options.get("without_timestamps")),
+            ladder=_ladder(temperature, decode_options),
         )
         pieces = split_pieces([(_samples(a), start) for a, start in pieces], batch)
         probs = None
