@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
 from engine.audio import SAMPLE_RATE
 from engine.speech.beam import sequence_score
 from engine.speech.guards import Ladder, entropy_failed
+from engine.speech.text_decoder import cross_kv, forward
 
 HOP = 160  # samples per mel frame
 FRAMES = 3000  # mel frames in a 30 s window
@@ -264,11 +264,10 @@ class _Cache:
 
     self_kv: list[Any]
     cross: list[tuple[mx.array, mx.array]]
-    length: int = 0
 
     @classmethod
     def of(cls, model: Any, features: mx.array) -> _Cache:
-        cross = [_cross_kv(block.cross_attn, features) for block in model.decoder.blocks]
+        cross = [cross_kv(block.cross_attn, features) for block in model.decoder.blocks]
         mx.eval(cross)
         return cls([None] * len(cross), cross)
 
@@ -278,39 +277,12 @@ class _Cache:
         self.cross = [(k[index], v[index]) for k, v in self.cross]
 
 
-def _cross_kv(attention: Any, features: mx.array) -> tuple[mx.array, mx.array]:
-    rows, frames, width = features.shape
-    heads = attention.n_head
-    scale = (width // heads) ** -0.25
-    keys = attention.key(features).reshape(rows, frames, heads, -1).transpose(0, 2, 3, 1)
-    values = attention.value(features).reshape(rows, frames, heads, -1).transpose(0, 2, 1, 3)
-    return mx.contiguous(keys * scale), mx.contiguous(values)
-
-
 def _forward(model: Any, tokens: mx.array, cache: _Cache) -> mx.array:
     """mlx-whisper's TextDecoder on `tokens` after the cached ones; logits (B, L, vocab)."""
-    decoder = model.decoder
-    at = cache.length
-    x = decoder.token_embedding(tokens) + decoder.positional_embedding[at : at + tokens.shape[1]]
-    for layer, block in enumerate(decoder.blocks):
-        y, cache.self_kv[layer], _ = block.attn(
-            block.attn_ln(x), mask=decoder._mask, kv_cache=cache.self_kv[layer]
-        )
-        x = x + y
-        x = x + _cross_attention(block.cross_attn, block.cross_attn_ln(x), *cache.cross[layer])
-        x = x + block.mlp2(nn.gelu(block.mlp1(block.mlp_ln(x))))
-    cache.length = at + tokens.shape[1]
-    return decoder.token_embedding.as_linear(decoder.ln(x))
-
-
-def _cross_attention(attention: Any, x: mx.array, keys: mx.array, values: mx.array) -> mx.array:
-    rows, length, width = x.shape
-    heads = attention.n_head
-    scale = (width // heads) ** -0.25
-    q = attention.query(x).reshape(rows, length, heads, -1).transpose(0, 2, 1, 3) * scale
-    weights = mx.softmax(q @ keys, axis=-1, precise=True)
-    out = (weights @ values).transpose(0, 2, 1, 3).reshape(rows, length, width)
-    return attention.out(out)
+    entries = list(zip(cache.self_kv, cache.cross, strict=True))
+    logits, entries, _ = forward(model.decoder, tokens, None, entries)
+    cache.self_kv = [own for own, _ in entries]
+    return logits
 
 
 def _record(

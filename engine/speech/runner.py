@@ -199,7 +199,10 @@ class SpeechRunner:
             raise FileNotFoundError(f"no Whisper model at {model_dir} (config.json missing)")
         dtype = weights_dtype(model_dir)
         compute = mx.float32 if dtype == mx.float32 else mx.float16
-        runner = cls(load_model(str(model_dir), dtype=compute), model_dir, model_id, dtype)
+        from engine.speech.text_decoder import adopt  # imports mlx_whisper
+
+        model = adopt(load_model(str(model_dir), dtype=compute))
+        runner = cls(model, model_dir, model_id, dtype)
         runner.warm_up()
         return runner
 
