@@ -26,6 +26,7 @@ on the 0..1 ladder by 0.2, previous text as the prompt, non-speech tokens suppre
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import struct
 import sys
@@ -205,6 +206,10 @@ def loaded_model(ggml: Path, threads: int) -> Any:
     from pywhispercpp.model import Model
 
     return Model(str(ggml), redirect_whispercpp_logs_to=None, n_threads=threads, **DECODING)
+
+
+# Free the model before the interpreter tears modules down (pywhispercpp's __del__ needs them).
+atexit.register(loaded_model.cache_clear)
 
 
 def transcribe(ggml: Path, wav: Path, threads: int = 2) -> tuple[str, float]:
