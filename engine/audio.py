@@ -413,20 +413,15 @@ class _FfmpegDecode:
         proc.kill()
 
     def _read(self, proc: subprocess.Popen, capacity: int) -> np.ndarray:
-        out = np.empty(capacity, np.float32)
-        size = 0
+        out = _Growing(capacity)
         assert proc.stdout is not None
         while chunk := proc.stdout.read(_CHUNK_BYTES):
             stereo = np.frombuffer(chunk[: len(chunk) // 8 * 8], dtype="<f4").reshape(-1, 2)
-            if self.limit.samples is not None and size + len(stereo) > self.limit.samples:
-                seconds = (size + len(stereo)) / SAMPLE_RATE
-                self.limit.check(seconds, at_least=True)
-            if size + len(stereo) > out.size:
-                out = np.resize(out, max(size + len(stereo), out.size + out.size // 4))
-            out[size : size + len(stereo)] = stereo.mean(axis=1, dtype=np.float64)
-            size += len(stereo)
+            if self.limit.samples is not None and out.size + len(stereo) > self.limit.samples:
+                self.limit.check((out.size + len(stereo)) / SAMPLE_RATE, at_least=True)
+            out.extend(stereo.mean(axis=1, dtype=np.float64))
         proc.wait()
-        return out[:size]  # a view: copying would double the peak for a second's slack
+        return out.array()
 
     def _check_exit(self, code: int, stderr: bytes) -> None:
         if code != 0:

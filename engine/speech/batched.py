@@ -19,7 +19,6 @@ draws the same tokens whatever else is in its batch.
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_map
+from mlx_whisper.decoding import compression_ratio
 
 from engine.audio import SAMPLE_RATE
 from engine.speech.beam import sequence_score
@@ -257,31 +257,27 @@ def _decode(
 
 @dataclass
 class _Cache:
-    """Per decoder layer: the rows' self-attention keys and values so far, and their
-    cross-attention keys and values, computed once from the encoder output and kept in the
-    layout the attention product reads (keys (B, heads, dim, frames), pre-scaled), so no step
-    re-reads the encoder output or re-lays it out."""
+    """Per decoder layer, as engine.speech.text_decoder's forward pass keeps it: the rows'
+    self-attention keys and values so far (None before the first step), and their
+    cross-attention keys and values, computed once from the encoder output in the layout the
+    attention product reads, so no step re-reads the encoder output or re-lays it out."""
 
-    self_kv: list[Any]
-    cross: list[tuple[mx.array, mx.array]]
+    entries: list[tuple[Any, tuple[mx.array, mx.array]]]
 
     @classmethod
     def of(cls, model: Any, features: mx.array) -> _Cache:
         cross = [cross_kv(block.cross_attn, features) for block in model.decoder.blocks]
         mx.eval(cross)
-        return cls([None] * len(cross), cross)
+        return cls([(None, kv) for kv in cross])
 
     def keep(self, index: mx.array) -> None:
-        """Only the rows at `index` go on."""
-        self.self_kv = tree_map(lambda x: x[index], self.self_kv)
-        self.cross = [(k[index], v[index]) for k, v in self.cross]
+        """Only the rows at `index` go on (after a step: every layer has its own keys)."""
+        self.entries = tree_map(lambda x: x[index], self.entries)
 
 
 def _forward(model: Any, tokens: mx.array, cache: _Cache) -> mx.array:
     """mlx-whisper's TextDecoder on `tokens` after the cached ones; logits (B, L, vocab)."""
-    entries = list(zip(cache.self_kv, cache.cross, strict=True))
-    logits, entries, _ = forward(model.decoder, tokens, None, entries)
-    cache.self_kv = [own for own, _ in entries]
+    logits, cache.entries, _ = forward(model.decoder, tokens, None, cache.entries)
     return logits
 
 
@@ -342,11 +338,6 @@ def _result(
         avg_logprob=total / (len(tokens) + 1),
         compression_ratio=compression_ratio(text),
     )
-
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data))
 
 
 # ---- temperature fallback -------------------------------------------------------------------

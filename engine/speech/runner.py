@@ -267,9 +267,7 @@ class SpeechRunner:
                 **decode_options,
             )
             probs = call.language_probs
-        if language_probs and probs is None:
-            probs = {result["language"]: 1.0}
-        return self._finish(_plain(result), probs, task)
+        return self._finish(_plain(result), probs, task, language_probs)
 
     def transcribe_pieces(
         self,
@@ -314,9 +312,7 @@ class SpeechRunner:
             on_window=on_window,
         )
         probs = probs or outcome.language_probs
-        if language_probs and probs is None:
-            probs = {outcome.result["language"]: 1.0}
-        return self._finish(_plain(outcome.result), probs, task)
+        return self._finish(_plain(outcome.result), probs, task, language_probs)
 
     def _run(self, samples: np.ndarray, **options: Any) -> dict:
         module = _transcribe_module()
@@ -342,8 +338,15 @@ class SpeechRunner:
         finally:
             _CALL.reset(token)
 
-    def _finish(self, result: dict, probs: dict[str, float] | None, task: str) -> dict:
+    def _finish(
+        self, result: dict, probs: dict[str, float] | None, task: str, language_probs: bool
+    ) -> dict:
+        """Repeated segments dropped, token pieces added, and the language probabilities when
+        there are some (asked for but never detected: the language given, with certainty)."""
         from mlx_whisper.tokenizer import get_tokenizer
+
+        if language_probs and probs is None:
+            probs = {result["language"]: 1.0}
 
         model = self._model
         tokenizer = get_tokenizer(
