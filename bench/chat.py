@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -22,7 +23,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -40,11 +43,24 @@ LONG_LIMIT = {"tiny": 3800}  # the tiny model's context is 4,096 tokens
 class Stream:
     ttft: float | None = None
     stamps: list[float] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)  # tokens in each stamped chunk
     tokens: int = 0
 
     @property
+    def pairs(self) -> list[tuple[float, float]]:
+        """(previous chunk, chunk) times where the later chunk holds exactly one token: the gap
+        between two tokens. Without logprobs a chunk counts as one token; with them, a chunk
+        that holds several (text held back until it decodes, e.g. a random model's stray UTF-8
+        bytes) is no gap between tokens and is left out."""
+        return [
+            (a, b)
+            for a, b, k in zip(self.stamps, self.stamps[1:], self.counts[1:], strict=False)
+            if k == 1
+        ]
+
+    @property
     def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        return [b - a for a, b in self.pairs]
 
 
 async def _body(reader: asyncio.StreamReader, chunked: bool):
@@ -101,21 +117,39 @@ def _read_event(out: Stream, line: bytes, now: float, started: float) -> None:
         out.tokens = chunk["usage"]["completion_tokens"]
     for choice in chunk.get("choices", []):
         delta = choice.get("delta", {})
-        if delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning"):
+        text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
+        tokens = len((choice.get("logprobs") or {}).get("content") or [])  # with logprobs
+        if text or tokens:
             out.ttft = out.ttft if out.ttft is not None else now - started
             out.stamps.append(now)
+            out.counts.append(tokens or 1)
 
 
 def request(text: str, max_tokens: int, **extra: object) -> dict:
     """A chat body without "model": each server uses its own (mlx_lm.server would try to
-    download a model named in the request)."""
+    download a model named in the request). With logprobs, so that each chunk says how many
+    tokens it brings (see `Stream.pairs`)."""
     messages = [{"role": "user", "content": text}]
     return {
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
+        "logprobs": True,
         **extra,
     }
+
+
+def measured(work: Any) -> Any:
+    """Run a coroutine (or call a function) with this client's garbage collector off: a full
+    collection of the client's heap takes ~0.1 s here and would show as a gap in the streams
+    the server sent on time. Collected before, and again after."""
+    gc.collect()
+    gc.disable()
+    try:
+        return asyncio.run(work) if asyncio.iscoroutine(work) else work()
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -203,13 +237,8 @@ async def gap_during_long_prefill(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    steady = [g for s in streams for a, g in zip(s.stamps, s.gaps, strict=False) if a < arrived]
-    during = [
-        b - a
-        for s in streams
-        for a, b in zip(s.stamps, s.stamps[1:], strict=False)
-        if b >= arrived and a <= first_token_at
-    ]
+    steady = [b - a for s in streams for a, b in s.pairs if a < arrived]
+    during = [b - a for s in streams for a, b in s.pairs if b >= arrived and a <= first_token_at]
     return pct(steady, 0.5), max(during, default=float("nan")), max(steady, default=float("nan"))
 
 
@@ -273,17 +302,17 @@ def median_by(runs: list[dict[str, float]], key: str) -> dict[str, float]:
 
 
 def sweep(url: str, levels: list[int], max_tokens: int, trials: int) -> dict[int, dict[str, float]]:
-    asyncio.run(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
+    measured(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
     for _ in range(trials):  # interleaved, so a slow spell of the machine hits every level
         for n in levels:
-            runs[n].append(asyncio.run(concurrent(url, n, max_tokens)))
+            runs[n].append(measured(concurrent(url, n, max_tokens)))
     return {n: median_by(r, "tok/s") for n, r in runs.items()}
 
 
 def second_turns(url: str, prefix_tokens: int, trials: int) -> tuple[float, int, int]:
     """The median second-turn time to first token over `trials` conversations."""
-    runs = [second_turn_ttft(url, prefix_tokens, t) for t in range(trials)]
+    runs = [measured(partial(second_turn_ttft, url, prefix_tokens, t)) for t in range(trials)]
     return sorted(runs)[len(runs) // 2]
 
 
@@ -291,7 +320,7 @@ def long_prefill_gaps(url: str, long_tokens: int, trials: int) -> dict[str, floa
     """The trial with the median ratio of largest gap during the long prefill to steady p50."""
     runs = []
     for _ in range(trials):
-        steady, worst, jitter = asyncio.run(gap_during_long_prefill(url, 4, long_tokens))
+        steady, worst, jitter = measured(gap_during_long_prefill(url, 4, long_tokens))
         runs.append({"steady": steady, "worst": worst, "jitter": jitter, "ratio": worst / steady})
     return median_by(runs, "ratio")
 
