@@ -8,7 +8,13 @@ Per model and concurrency: aggregate completion tokens/s, p50/p95 time to first 
 max gap between tokens, ratio to one client. Then: second-turn time to first token with a
 ~2,000-token shared prefix, prefix cache on and off; the largest gap of running streams while a
 ~4,000-token prompt arrives, against their steady p50 gap. Each number is the median of
-`--trials` runs (3). Absolute numbers from a shared CPU mean little: read the ratios.
+`--trials` runs (3); mlxd's and mlx_lm.server's runs alternate, both servers loaded, so both see
+the same machine. Absolute numbers from a shared CPU mean little: read the ratios.
+
+The client turns its garbage collector off while it measures. The sweep's gaps are between
+text chunks (a random model's stray UTF-8 bytes are held back until they decode, so on the
+tiny model one gap may span several tokens); the long-prompt streams ask for logprobs and count
+only gaps between two tokens.
 """
 
 from __future__ import annotations
@@ -127,14 +133,12 @@ def _read_event(out: Stream, line: bytes, now: float, started: float) -> None:
 
 def request(text: str, max_tokens: int, **extra: object) -> dict:
     """A chat body without "model": each server uses its own (mlx_lm.server would try to
-    download a model named in the request). With logprobs, so that each chunk says how many
-    tokens it brings (see `Stream.pairs`)."""
+    download a model named in the request)."""
     messages = [{"role": "user", "content": text}]
     return {
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.0,
-        "logprobs": True,
         **extra,
     }
 
@@ -214,7 +218,8 @@ async def gap_during_long_prefill(
 ) -> tuple[float, float, float]:
     """(steady p50 gap, largest gap while a long prompt is read, largest gap before it) of
     `running` streams. A stream that ends (end of turn) is replaced, so `running` keep
-    decoding until the long prompt's first token is out."""
+    decoding until the long prompt's first token is out. The streams ask for logprobs, so
+    that only gaps between two tokens count (`Stream.pairs`)."""
     words = words_for(url, prompt_tokens)
     await stream_chat(url, request("warm up", 4))
     streams: list[Stream] = []
@@ -301,13 +306,20 @@ def median_by(runs: list[dict[str, float]], key: str) -> dict[str, float]:
     return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
 
 
-def sweep(url: str, levels: list[int], max_tokens: int, trials: int) -> dict[int, dict[str, float]]:
-    measured(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
-    runs: dict[int, list[dict[str, float]]] = {n: [] for n in levels}
-    for _ in range(trials):  # interleaved, so a slow spell of the machine hits every level
+Table = dict[int, dict[str, float]]
+
+
+def sweep(urls: list[str], levels: list[int], max_tokens: int, trials: int) -> list[Table]:
+    """One table per server. Runs are interleaved, level by level and server by server, so a
+    slow spell of the machine hits every level and every server alike."""
+    for url in urls:
+        measured(concurrent(url, max(levels), max_tokens))  # warm up at the highest level
+    runs: list[dict[int, list[dict[str, float]]]] = [{n: [] for n in levels} for _ in urls]
+    for _ in range(trials):
         for n in levels:
-            runs[n].append(measured(concurrent(url, n, max_tokens)))
-    return {n: median_by(r, "tok/s") for n, r in runs.items()}
+            for url, by_level in zip(urls, runs, strict=True):
+                by_level[n].append(measured(concurrent(url, n, max_tokens)))
+    return [{n: median_by(r, "tok/s") for n, r in by_level.items()} for by_level in runs]
 
 
 def second_turns(url: str, prefix_tokens: int, trials: int) -> tuple[float, int, int]:
@@ -328,11 +340,19 @@ def long_prefill_gaps(url: str, long_tokens: int, trials: int) -> dict[str, floa
 def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     print(f"\n=== {name}: {model}")
-    server = Mlxd(model, tmp, "--chat-batch", str(max(levels)))
     long_tokens = min(args.long_tokens, LONG_LIMIT.get(name, args.long_tokens))
+    server = Mlxd(model, tmp, "--chat-batch", str(max(levels)))
     try:
-        ours = sweep(server.url, levels, args.max_tokens, args.trials)
+        peer = MlxLmServer(model, tmp, max(levels)) if args.peer and name != "tiny" else None
+        try:
+            urls = [server.url] + ([peer.url] if peer else [])
+            ours, *theirs = sweep(urls, levels, args.max_tokens, args.trials)
+        finally:
+            if peer:
+                peer.close()
         table(f"mlxd, {name}: {args.max_tokens} tokens a client", ours)
+        for other in theirs:
+            table(f"mlx_lm.server, {name} (runs interleaved with mlxd's)", other)
         cached, n_prompt, n_cached = second_turns(server.url, args.prefix_tokens, args.trials)
         gaps = long_prefill_gaps(server.url, long_tokens, args.trials)
     finally:
@@ -357,16 +377,10 @@ def bench_model(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> 
         f"(before it arrived, the largest gap was {gaps['jitter']:.3f}s: "
         f"{gaps['jitter'] / gaps['steady']:.2f}x)"
     )
-    if args.peer and name != "tiny":
-        peer = MlxLmServer(model, tmp, max(levels))
-        try:
-            theirs = sweep(peer.url, levels, args.max_tokens, args.trials)
-        finally:
-            peer.close()
-        table(f"mlx_lm.server, {name}", theirs)
+    for other in theirs:
         print(
-            f"\nmlxd / mlx_lm.server aggregate at {top} clients: "
-            f"{ours[top]['tok/s'] / theirs[top]['tok/s']:.2f}x"
+            f"mlxd / mlx_lm.server aggregate at {top} clients: "
+            f"{ours[top]['tok/s'] / other[top]['tok/s']:.2f}x"
         )
 
 

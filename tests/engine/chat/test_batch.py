@@ -266,3 +266,33 @@ def test_a_top_k_past_the_vocabulary_keeps_every_token(tiny_runner: ChatRunner) 
     got, _ = run(make_engine(tiny_runner), {"huge": {"prompt_ids": ids, "params": huge}})
     want, _ = run(make_engine(tiny_runner), {"none": {"prompt_ids": ids, "params": none}})
     assert got[("huge", 0)] == want[("none", 0)]
+
+
+def test_log_probabilities_only_where_asked_and_they_change_no_token(
+    tiny_runner: ChatRunner,
+) -> None:
+    """A row gets its log-probabilities only when it asks (the normalising pass over the vocabulary
+    is skipped for the others); asking changes none of its tokens, greedy or sampled; they sum to
+    one and the greedy pick is their argmax."""
+    ids = prompt_ids(tiny_runner, PROMPTS[1])
+    sampled = {"temperature": 0.9, "seed": 7}
+    requests = {
+        "greedy": RowParams(),
+        "greedy+lp": RowParams(logprobs=True),
+        "sampled": RowParams(**sampled),
+        "sampled+lp": RowParams(**sampled, logprobs=True),
+    }
+    engine = make_engine(tiny_runner)
+    for rid, params in requests.items():
+        engine.add(rid, ids, params=params)
+    tokens: dict[Hashable, list[int]] = {rid: [] for rid in requests}
+    while any(len(t) < N_TOKENS for t in tokens.values()):
+        for out in engine.step():
+            tokens[out.rid].append(out.token)
+            assert (out.logprobs is not None) == out.rid.endswith("+lp"), out.rid
+            if out.logprobs is not None:
+                assert mx.exp(out.logprobs).sum().item() == pytest.approx(1.0, abs=1e-4)
+                if out.rid == "greedy+lp":
+                    assert mx.argmax(out.logprobs).item() == out.token
+    assert tokens["greedy"][:N_TOKENS] == tokens["greedy+lp"][:N_TOKENS]
+    assert tokens["sampled"][:N_TOKENS] == tokens["sampled+lp"][:N_TOKENS]
