@@ -124,11 +124,14 @@ def _read_event(out: Stream, line: bytes, now: float, started: float) -> None:
     for choice in chunk.get("choices", []):
         delta = choice.get("delta", {})
         text = delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
-        tokens = len((choice.get("logprobs") or {}).get("content") or [])  # with logprobs
-        if text or tokens:
+        logprobs = choice.get("logprobs")
+        # With logprobs, a chunk brings as many tokens as it has entries (none: the rest of the
+        # previous chunk's text, e.g. reasoning and answer split); without, one if it has text.
+        tokens = len(logprobs.get("content") or []) if logprobs else int(bool(text))
+        if tokens:
             out.ttft = out.ttft if out.ttft is not None else now - started
             out.stamps.append(now)
-            out.counts.append(tokens or 1)
+            out.counts.append(tokens)
 
 
 def request(text: str, max_tokens: int, **extra: object) -> dict:
@@ -214,12 +217,13 @@ def second_turn_ttft(url: str, prefix_tokens: int, trial: int = 0) -> tuple[floa
 
 
 async def gap_during_long_prefill(
-    url: str, running: int, prompt_tokens: int
+    url: str, running: int, prompt_tokens: int, trial: int = 0
 ) -> tuple[float, float, float]:
     """(steady p50 gap, largest gap while a long prompt is read, largest gap before it) of
     `running` streams. A stream that ends (end of turn) is replaced, so `running` keep
     decoding until the long prompt's first token is out. The streams ask for logprobs, so
-    that only gaps between two tokens count (`Stream.pairs`)."""
+    that only gaps between two tokens count (`Stream.pairs`). Each trial's long prompt is a
+    new text: an earlier trial's would come from the prefix cache."""
     words = words_for(url, prompt_tokens)
     await stream_chat(url, request("warm up", 4))
     streams: list[Stream] = []
@@ -228,21 +232,23 @@ async def gap_during_long_prefill(
     async def keep_one_running(i: int) -> None:
         while not stop.is_set():
             streams.append(Stream())
-            body = request(f"Count slowly {i}.", 3000, temperature=1.0, seed=len(streams))
+            body = request(
+                f"Count slowly {i}.", 3000, temperature=1.0, seed=len(streams), logprobs=True
+            )
             await stream_chat(url, body, streams[-1])
 
     tasks = [asyncio.create_task(keep_one_running(i)) for i in range(running)]
     while sum(len(s.stamps) for s in streams) < 20 * running:  # steady decoding first
         await asyncio.sleep(0.05)
     arrived = time.perf_counter()
-    done = await stream_chat(url, request(filler(words, 5), 2))
+    done = await stream_chat(url, request(filler(words, 100 + trial), 2))
     first_token_at = arrived + (done.ttft or 0.0)
     stop.set()
     await asyncio.sleep(0.5)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    steady = [b - a for s in streams for a, b in s.pairs if a < arrived]
+    steady = [b - a for s in streams for a, b in s.pairs if b < arrived]
     during = [b - a for s in streams for a, b in s.pairs if b >= arrived and a <= first_token_at]
     return pct(steady, 0.5), max(during, default=float("nan")), max(steady, default=float("nan"))
 
@@ -331,8 +337,8 @@ def second_turns(url: str, prefix_tokens: int, trials: int) -> tuple[float, int,
 def long_prefill_gaps(url: str, long_tokens: int, trials: int) -> dict[str, float]:
     """The trial with the median ratio of largest gap during the long prefill to steady p50."""
     runs = []
-    for _ in range(trials):
-        steady, worst, jitter = measured(gap_during_long_prefill(url, 4, long_tokens))
+    for trial in range(trials):
+        steady, worst, jitter = measured(gap_during_long_prefill(url, 4, long_tokens, trial))
         runs.append({"steady": steady, "worst": worst, "jitter": jitter, "ratio": worst / steady})
     return median_by(runs, "ratio")
 
