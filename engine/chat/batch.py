@@ -25,6 +25,7 @@ last token is not prefilled but fed as the row's first decode input (as mlx-lm/m
 from __future__ import annotations
 
 import secrets
+import statistics
 import sys
 import time
 from collections import OrderedDict, deque
@@ -40,7 +41,8 @@ from engine.chat.types import RowFailed
 
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # spreads (seed, step) pairs over the seed space
 MIN_PREFILL_CHUNK = 16
-EMA = 0.2  # weight of the newest timing in the running averages
+EMA = 0.2  # weight of the newest timing in the running average of prefill time per token
+DECODE_WINDOW = 32  # decode steps whose median time is "a decode step"
 # While rows decode, a step reads prompt tokens worth this share of a decode step: running
 # streams slow to about 1.5x their pace while a long prompt is read, never stall.
 PREFILL_SHARE = 0.5
@@ -327,9 +329,9 @@ class BatchEngine:
         self.prefix_cache = PrefixCache(cache_bytes)
         self._rows: list[_Row] = []
         self._pending: deque[_Pending] = deque()
-        self._decode_s: float | None = None  # a decode step's time (running average)
+        self._decode_times: deque[float] = deque(maxlen=DECODE_WINDOW)
         self._prefill_token_s: float | None = None  # prefill time per token (running average)
-        self._last_budget = prefill_chunk  # prompt tokens the last step could read
+        self._last_budget = MIN_PREFILL_CHUNK  # prompt tokens the last step beside rows read
         self._inflight: _Inflight | None = None  # the step computing now, not yet read back
         self._last_read: float | None = None
         _install_ragged_attention(sys.modules[type(self.lm).__module__])
@@ -492,27 +494,31 @@ class BatchEngine:
     def _images_within(self, tokens: Sequence[int], images: tuple[str, ...]) -> tuple[str, ...]:
         return images[: _n_media_runs(tokens, self.media_ids)]
 
+    @property
+    def _decode_s(self) -> float | None:
+        """A decode step's time: the median of the last ones (a running mean took in the slow
+        steps, e.g. a row joining, and let prefill budgets grow past their share)."""
+        return statistics.median(self._decode_times) if self._decode_times else None
+
     def _measure(self, seconds: float, prefilled: int, *, decoding: bool) -> None:
-        """Running averages of a decode step's time and of prefill time per token."""
-
-        def mix(old: float | None, new: float) -> float:
-            return new if old is None else (1 - EMA) * old + EMA * new
-
+        """A decode step's time, and prefill time per token (running average)."""
         if prefilled == 0:
             if decoding:
-                self._decode_s = mix(self._decode_s, seconds)
+                self._decode_times.append(seconds)
             return
         spent = seconds - (self._decode_s or 0.0) if decoding else seconds
-        self._prefill_token_s = mix(self._prefill_token_s, max(spent, 0.0) / prefilled)
+        per_token = max(spent, 0.0) / prefilled
+        old = self._prefill_token_s
+        self._prefill_token_s = per_token if old is None else (1 - EMA) * old + EMA * per_token
 
     def _prefill_budget(self) -> int:
-        """Prompt tokens to read this step: about half a decode step's worth while rows are
-        decoding (measured; at most twice the last step's, as timings are noisy), else the
-        configured chunk."""
-        if not self._rows or not self._decode_s or not self._prefill_token_s:
-            self._last_budget = self.prefill_chunk
+        """Prompt tokens to read this step: about PREFILL_SHARE of a decode step's worth while
+        rows are decoding (measured; at most twice what the last such step read, as timings
+        are noisy, from MIN_PREFILL_CHUNK on), else the configured chunk."""
+        decode_s = self._decode_s
+        if not self._rows or not decode_s or not self._prefill_token_s:
             return self.prefill_chunk
-        fit = int(PREFILL_SHARE * self._decode_s / self._prefill_token_s)
+        fit = int(PREFILL_SHARE * decode_s / self._prefill_token_s)
         floor = min(MIN_PREFILL_CHUNK, self.prefill_chunk)
         budget = max(floor, min(self.prefill_chunk, fit, 2 * self._last_budget))
         self._last_budget = budget
