@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.real_weights import gemma3_270m_mlx
-from tests.serving import Server, serve_one
+from tests.serving import Server, poll_until, serve_one
 
 SAMPLINGS = [
     {"temperature": 0},
@@ -249,3 +249,42 @@ def test_a_client_that_leaves_frees_its_rows_and_kv(budget_server) -> None:
     )
     line = budget_server.log().split("chat: generation cancelled after ")[1]
     assert int(line.split()[0]) < 400  # the abandoned reply left the batch early
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(tiny_gemma4: Path, tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("kv-queue")
+    flags = ("--chat-kv-tokens", "600", "--chat-batch", "2", "--queue-size", "3")
+    yield from serve_one(tmp, "chat", tiny_gemma4, *flags)
+
+
+def queue_depth(server: Server) -> float:
+    for line in server.get("chat", "/metrics").text.splitlines():
+        if line.startswith("mlxd_queue_depth "):
+            return float(line.split()[1])
+    raise AssertionError("no mlxd_queue_depth in /metrics")
+
+
+def test_past_the_queue_a_request_is_a_503_with_retry_after_and_no_queued_one_is_lost(
+    one_slot_server: Server,
+) -> None:
+    """The first reply holds the KV budget; the second waits beside it for KV room (the batch
+    has two rows); the third waits in the queue; a fourth finds the service's three places
+    (--queue-size counts the requests taken too) full: 503 with Retry-After. The three
+    accepted replies finish with the same text (the order in which they ran is
+    test_admission_waits_for_room_and_loses_nothing's)."""
+    server, events = one_slot_server, []
+    body = {"messages": user("Tell me a long story"), "max_tokens": 560, "temperature": 0}
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(stream_events, server, body, events, "first")
+        poll_until(lambda: bool(events), "the first reply's first token")
+        second = pool.submit(stream_events, server, body, events, "second")
+        third = pool.submit(stream_events, server, body, events, "third")
+        poll_until(lambda: queue_depth(server) >= 1, "a request in the queue")
+        refused = server.post("chat", "/v1/chat/completions", json={"model": "m", **body})
+        texts = [first.result(), second.result(), third.result()]
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "queue_full"
+    assert texts[0] == texts[1] == texts[2] and texts[0]
+    assert {name for name, event in events if event == "done"} == {"first", "second", "third"}
