@@ -16,10 +16,10 @@ cache is an ordinary cache that can be copied (n > 1), snapshotted (prefix cache
 Prompts are prefilled request by request (batch of 1 each), oldest first, within a token budget
 per ``step()`` of at most ``prefill_chunk`` (several short prompts fit one step), alongside the
 batched decode of the running rows; while rows are decoding, the budget is sized from measured
-speeds so that it costs about one decode step (running streams slow down at most about twofold
-while a long prompt is read). The prompt's
-last token is not prefilled but fed as the row's first decode input (as mlx-lm/mlx-vlm's
-``generate_step`` do), so prefill never computes LM-head logits.
+speeds so that it costs about PREFILL_SHARE (half) of a decode step (running streams slow to
+about 1.5x their pace while a long prompt is read). The prompt's last token is not prefilled but
+fed as the row's first decode input (as mlx-lm/mlx-vlm's ``generate_step`` do), so prefill
+never computes LM-head logits.
 """
 
 from __future__ import annotations
